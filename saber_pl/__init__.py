@@ -1,0 +1,7 @@
+"""saber_pl: a PyTorch Lightning framework that trains Saber, zero-shot reference-to-video generation.
+
+Saber fine-tunes Wan2.1 on ordinary video-text pairs: a few frames of each clip are cut out with
+random masks, warped with a random affine and fed back as references (see docs/ and README.md).
+"""
+
+__version__ = "0.1.0"
