@@ -1,0 +1,75 @@
+# saber_pl — every target creates .venv and installs the package into it on first use.
+#   make train                      saber_full at scale mini on the embedded data set (CPU, minutes)
+#   make test                       the test suite (what CI runs)
+#   make train EXP=saber_full SCALE=14B WAN_DIR=/ckpt/Wan2.1-T2V-14B-Diffusers SHARDS='/data/shards-{000000..000999}.tar'
+#   make ablate EXP=ellipse_only    saber_full + the ablation's delta, at SCALE (default mini)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+EXP ?= saber_full
+SCALE ?= mini
+WAN_DIR ?=
+SHARDS ?=
+VAL_SHARDS ?=
+ARGS ?=
+EMBEDDED := data/embedded/.complete
+
+TRAIN_FLAGS = --exp $(EXP) --scale $(SCALE) $(if $(WAN_DIR),--wan-dir '$(WAN_DIR)') \
+	$(if $(SHARDS),--shards '$(SHARDS)') $(if $(VAL_SHARDS),--val-shards '$(VAL_SHARDS)') $(ARGS)
+
+.PHONY: install train ablate test test-all data tensorboard export generate eval bench bench-mini dry-run clean
+
+$(STAMP): setup.cfg constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0 -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+$(EMBEDDED): | $(STAMP)
+	$(PY) data/make_embedded.py --out data/embedded
+
+data: $(STAMP)
+	$(PY) data/make_embedded.py --out data/embedded
+
+# The embedded data set is built on first use when no SHARDS are given (tiny/mini scales).
+train: $(STAMP) $(if $(SHARDS),,$(EMBEDDED))
+	$(PY) -m saber_pl.train $(TRAIN_FLAGS)
+
+ablate: $(STAMP) $(if $(SHARDS),,$(EMBEDDED))
+	$(PY) -m saber_pl.train $(TRAIN_FLAGS)
+
+dry-run: $(STAMP)
+	$(PY) -m saber_pl.train $(TRAIN_FLAGS) --dry-run
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q
+
+tensorboard: $(STAMP)
+	$(VENV)/bin/tensorboard --logdir runs --bind_all
+
+export: $(STAMP)
+	$(PY) -m saber_pl.export --run runs/$(EXP)-$(SCALE) $(ARGS)
+
+generate: $(STAMP)
+	$(PY) -m saber_pl.generate $(ARGS)
+
+eval: $(STAMP)
+	$(PY) -m saber_pl.eval $(ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/masks.py
+	$(PY) benchmarks/attention.py
+	$(PY) benchmarks/data.py
+
+bench-mini: $(STAMP)
+	@echo "bench-mini: not yet implemented (issue 7, Saber-mini benchmark)" >&2; exit 2
+
+clean:
+	rm -rf $(VENV) runs data/embedded

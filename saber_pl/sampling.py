@@ -1,0 +1,79 @@
+"""Reference-to-video sampling with diffusers' flow-matching schedulers and classifier-free guidance.
+
+The DiT predicts the flow velocity eps - z0 (Wan's ``flow_prediction``), so diffusers'
+``UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=s)``
+(Wan2.1's default sampler) and ``FlowMatchEulerDiscreteScheduler(shift=s)`` step it directly.
+Guidance runs the conditional and unconditional branches as one packed batch of 2B samples; the
+unconditional branch keeps the references unless ``drop_refs_uncond`` is set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+from torch import Tensor
+from tqdm.auto import tqdm
+
+
+@dataclass
+class SamplerConfig:
+    """Inference knobs (SABER.md: 50 steps, CFG 5.0, Wan's shift 5.0)."""
+
+    steps: int = 50  # sampler steps
+    guidance: float = 5.0  # classifier-free guidance scale on the text (1.0 = no guidance)
+    shift: float = 5.0  # Wan's flow shift
+    scheduler: Literal["unipc", "euler"] = "unipc"
+    drop_refs_uncond: bool = False  # also drop the references in the unconditional branch
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.guidance < 0:
+            raise ValueError(f"guidance must be >= 0, got {self.guidance}")
+        if self.shift <= 0:
+            raise ValueError(f"shift must be > 0, got {self.shift}")
+
+
+def make_scheduler(name: str, shift: float) -> FlowMatchEulerDiscreteScheduler | UniPCMultistepScheduler:
+    """A fresh diffusers flow-matching scheduler with Wan's shift."""
+    if name == "unipc":
+        return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift,
+                                       num_train_timesteps=1000)
+    if name == "euler":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    raise ValueError(f"scheduler must be 'unipc' or 'euler', got {name!r}")
+
+
+@torch.no_grad()
+def sample_latents(dit: torch.nn.Module, shape: tuple[int, ...], text_emb: Tensor, neg_emb: Tensor | None,
+                   ref_latents: Tensor | None, ref_coverage: Tensor | None, ref_counts: Tensor | None,
+                   cfg: SamplerConfig, generator: torch.Generator | None = None, progress: bool = True) -> Tensor:
+    """Denoise from Gaussian noise to clean latents  # shape = [B, C, f, h, w] -> [B, C, f, h, w].
+
+    text_emb / neg_emb [B, L, D]; ref_latents [B, K, C, h, w]; ref_coverage [B, K, 1, h, w]; ref_counts [B].
+    """
+    device = text_emb.device
+    dtype = text_emb.dtype
+    latents = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    scheduler = make_scheduler(cfg.scheduler, cfg.shift)
+    scheduler.set_timesteps(cfg.steps, device=device)
+    guided = neg_emb is not None and cfg.guidance != 1.0
+    text, refs, cov, counts = text_emb, ref_latents, ref_coverage, ref_counts
+    if guided:
+        text = torch.cat([text_emb, neg_emb])
+        if ref_latents is not None:
+            refs = torch.cat([ref_latents, ref_latents])
+            cov = torch.cat([ref_coverage, ref_coverage])
+            counts = torch.cat([ref_counts, torch.zeros_like(ref_counts) if cfg.drop_refs_uncond else ref_counts])
+    for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
+        x = torch.cat([latents, latents]) if guided else latents
+        tt = t.expand(x.shape[0]).to(device=device, dtype=torch.float32)
+        v = dit(x.to(dtype), tt, text, refs, cov, counts).float()
+        if guided:
+            cond, uncond = v.chunk(2)
+            v = uncond + cfg.guidance * (cond - uncond)
+        latents = scheduler.step(v, t, latents, return_dict=False)[0]
+    return latents

@@ -1,0 +1,189 @@
+"""Train Saber: ``python -m saber_pl.train --exp EXP --scale SCALE [key.sub=value ...]``.
+
+Launch commands (see README.md):
+
+    make train                                   # saber_full at scale mini, embedded data, CPU, minutes
+    make ablate EXP=ellipse_only                 # saber_full + the ablation's delta, same scale
+    make train EXP=saber_full SCALE=14B WAN_DIR=/ckpt/Wan2.1-T2V-14B-Diffusers \\
+        SHARDS='/data/shards-{000000..000999}.tar'   # the paper's run (torchrun / SLURM env for multi-node)
+    python -m saber_pl.train --exp saber_full --scale tiny --dry-run   # print the resolved config, exit
+
+The run folder is ``runs/<exp>-<scale>/`` (same on every rank): ``config.yaml`` (written before
+step 0), ``checkpoints/`` (``last.ckpt`` + top-k; sharded folders under FSDP2), ``tb/`` (TensorBoard).
+Re-running the same command resumes from ``checkpoints/last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from saber_pl.config import ConfigError, ExperimentConfig, dump_config, load_config, save_config
+
+log = logging.getLogger("saber_pl.train")
+
+REAL_SCALES = ("1.3B", "14B")
+
+
+class SetupError(RuntimeError):
+    """A missing input (weights, shards) the user must provide; the message names the variable to set."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--exp", default="saber_full", help="experiment (experiments/<exp>.yaml)")
+    p.add_argument("--scale", default="mini", help="scale (experiments/scales/<scale>.yaml)")
+    p.add_argument("--wan-dir", default=None, help="local Wan2.1 diffusers folder (WAN_DIR); needed at 1.3B/14B")
+    p.add_argument("--shards", default=None, help="training shards (SHARDS): path, brace pattern or URL")
+    p.add_argument("--val-shards", default=None, help="validation shards (VAL_SHARDS)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--no-resume", action="store_true", help="start from step 0 even if a checkpoint exists")
+    p.add_argument("overrides", nargs="*", help="config overrides key.sub=value (YAML values)")
+    return p.parse_args(argv)
+
+
+def resolve(args: argparse.Namespace) -> ExperimentConfig:
+    """Config from the experiment, the scale, the Make variables and the overrides."""
+    overrides = list(args.overrides)
+    if args.wan_dir:
+        overrides.append(f"model.wan_dir={args.wan_dir}")
+    if args.shards:
+        overrides.append(f"data.train_shards={args.shards}")
+    if args.val_shards:
+        overrides.append(f"data.val_shards={args.val_shards}")
+    return load_config(args.exp, args.scale, overrides)
+
+
+def check_inputs(cfg: ExperimentConfig) -> None:
+    """Fail early, with one message naming the variable to set, when weights or shards are missing."""
+    if cfg.scale in REAL_SCALES or cfg.model.wan_dir is not None:
+        wan = cfg.model.wan_dir
+        if not wan:
+            raise SetupError(f"scale {cfg.scale} needs Wan2.1 weights: set WAN_DIR=/path/to/Wan2.1-...-Diffusers "
+                             f"(a local diffusers folder with transformer/, vae/, text_encoder/, tokenizer/)")
+        missing = [d for d in ("transformer", "vae", "text_encoder", "tokenizer") if not (Path(wan) / d).is_dir()]
+        if missing:
+            raise SetupError(f"WAN_DIR={wan} lacks {', '.join(missing)}/: set WAN_DIR to a Wan2.1 diffusers folder")
+    shards = cfg.data.train_shards
+    if not shards:
+        raise SetupError(f"no training data for {cfg.run_name}: set SHARDS='/data/shards-{{000000..000099}}.tar'")
+    if _is_local(shards) and not _local_shards_exist(shards):
+        hint = " (run `make data` to build the embedded data set)" if "embedded" in shards else ""
+        raise SetupError(f"training shards not found: {shards}: set SHARDS to existing shards{hint}")
+
+
+def _is_local(spec: str) -> bool:
+    return "://" not in spec and not spec.startswith("pipe:")
+
+
+def _local_shards_exist(spec: str) -> bool:
+    import braceexpand
+
+    return all(Path(p).exists() for part in spec.split("::") for p in braceexpand.braceexpand(part))
+
+
+def resume_step(path: Path) -> int:
+    """The global step stored in a checkpoint (file or sharded folder), read without loading the weights."""
+    meta = path / "meta.pt" if path.is_dir() else path
+    ckpt = torch.load(meta, map_location="cpu", weights_only=False, mmap=not path.is_dir())
+    return int(ckpt.get("global_step", 0))
+
+
+def build_trainer(cfg: ExperimentConfig, run_dir: Path) -> Any:
+    """Lightning Trainer with the strategy, precision, logger and callbacks of the config."""
+    import lightning as L
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Timer
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from saber_pl.callbacks import MediaLogger
+    from saber_pl.checkpoint import AtomicModelParallelStrategy
+
+    t = cfg.trainer
+    on_gpu = torch.cuda.is_available() and t.accelerator != "cpu"
+    precision = t.precision if t.precision != "auto" else ("bf16-mixed" if on_gpu else "32-true")
+    if t.strategy == "fsdp2":
+        strategy: Any = AtomicModelParallelStrategy(data_parallel_size="auto", tensor_parallel_size=1,
+                                                    save_distributed_checkpoint=True)
+        if precision == "bf16-mixed":
+            precision = "bf16-true"  # FSDP2's MixedPrecisionPolicy does the bf16 compute / fp32 reduce
+    else:
+        strategy = t.strategy
+    validate = t.val_every_n_steps is not None and cfg.data.val_shards is not None
+    ckpt = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="step{step:07d}", auto_insert_metric_name=False,
+        every_n_train_steps=t.ckpt_every_n_steps, save_last=True, save_top_k=t.keep_top_k,
+        monitor="val/loss" if validate else "step", mode="min" if validate else "max",
+        save_on_train_epoch_end=False)
+    callbacks = [ckpt, LearningRateMonitor(logging_interval="step"),
+                 MediaLogger(cfg.logging.image_every_n_steps, cfg.logging.val_videos, cfg.logging.val_fps)]
+    if t.max_time_minutes is not None:
+        callbacks.append(Timer(duration={"minutes": t.max_time_minutes}, interval="step"))
+    logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="tb", default_hp_metric=False)
+    return L.Trainer(
+        accelerator="cpu" if t.accelerator == "cpu" else ("gpu" if on_gpu else "auto"),
+        devices=t.devices, num_nodes=t.num_nodes, strategy=strategy, precision=precision,
+        max_steps=t.max_steps, accumulate_grad_batches=t.accumulate_grad_batches,
+        log_every_n_steps=t.log_every_n_steps, val_check_interval=t.val_every_n_steps if validate else None,
+        check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches if validate else 0,
+        num_sanity_val_steps=0, callbacks=callbacks, logger=logger, deterministic=t.deterministic,
+        gradient_clip_val=None, enable_model_summary=True, use_distributed_sampler=False)
+
+
+def build_datamodule(cfg: ExperimentConfig, tokenize: Any, seed_offset: int) -> Any:
+    from saber_pl.datamodule import SaberDataModule
+
+    import dataclasses
+
+    data = dataclasses.replace(cfg.data, seed=cfg.data.seed + seed_offset)
+    return SaberDataModule(data, cfg.masks, cfg.augment, tokenize)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        cfg = resolve(args)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(dump_config(cfg))
+        return 0
+    try:
+        check_inputs(cfg)
+    except SetupError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return fit(cfg, resume=not args.no_resume)
+
+
+def fit(cfg: ExperimentConfig, resume: bool = True) -> int:
+    """Build everything, resume from the last checkpoint if there is one, train."""
+    import lightning as L
+
+    from saber_pl.checkpoint import find_resume_checkpoint
+    from saber_pl.module import SaberModule
+
+    run_dir = cfg.run_dir
+    ckpt_path = find_resume_checkpoint(run_dir / "checkpoints") if resume else None
+    step0 = resume_step(ckpt_path) if ckpt_path is not None else 0
+    save_config(cfg, run_dir / "config.yaml")  # before step 0 (identical on every rank)
+    L.seed_everything(cfg.trainer.seed + step0, workers=True)
+    module = SaberModule(cfg)
+    dm = build_datamodule(cfg, module.frozen.tokenize, seed_offset=step0)
+    trainer = build_trainer(cfg, run_dir)
+    if ckpt_path is not None:
+        log.info("resuming %s from %s (step %d)", cfg.run_name, ckpt_path, step0)
+    trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,376 @@
+"""Model scales and the Wan2.1 components Saber trains on (DiT, VAE, umT5 text encoder, tokenizer).
+
+Scales are one-line factories in `SCALES`, picked by name (DiT-style):
+
+- `tiny`: random in-process models for tests: a 2-layer Wan DiT, a tiny random `AutoencoderKLWan`
+  (the real VAE code path), a small random `UMT5EncoderModel` and a byte-level `ByT5Tokenizer()`.
+- `mini`: a DiT that trains in minutes on a CPU, with `PixelAutoencoder` (exactly invertible
+  space-to-depth + Wan-like temporal grouping: 48 latent channels, so this DiT has 48 + 4 + 48 inputs).
+- `1.3B` / `14B`: diffusers' Wan2.1 folders loaded from `wan_dir` (or $WAN_DIR), `local_files_only=True`.
+
+    comps = build_components(ModelConfig(scale="tiny", init="t2v"))
+    ids, mask = comps.text_encoder.tokenize(["a cat"])
+    text = comps.text_encoder.encode(ids, mask)                  # [B, text_len, D_text]
+    z = comps.vae.encode(video)                                   # [B, C, 1+k, H/s, W/s], normalised
+    v = comps.transformer(z_t, t, text, z_refs, coverage, counts) # velocity on the video frames
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from diffusers.utils import is_accelerate_available
+from torch import Tensor, nn
+from transformers import AutoTokenizer, ByT5Tokenizer, UMT5Config, UMT5EncoderModel
+
+from saber_pl.dit import SaberTransformer
+
+Scale = Literal["tiny", "mini", "1.3B", "14B"]
+
+
+@dataclass
+class ModelConfig:
+    """Which Wan model Saber fine-tunes and how references enter it."""
+
+    scale: Scale = "14B"  # name in SCALES; the paper fine-tunes Wan2.1-14B
+    wan_dir: str | None = None  # diffusers Wan2.1 folder (transformer/ vae/ text_encoder/ tokenizer/); or $WAN_DIR
+    init: Literal["t2v", "i2v", "random"] = "t2v"  # DiT weights: Wan T2V (widened 16->36), Wan I2V, or random
+    ref_timestep: Literal["shared", "zero"] = "shared"  # reference tokens' timestep: the clip's, or 0 (ours)
+    attn_backend: Literal["auto", "xformers", "sdpa"] = "auto"  # packed attention kernel (auto: xformers on CUDA)
+    ref_attn_mask: bool = True  # False = `no_attn_mask` ablation: every token of a real reference is attended
+    valid_threshold: float = 0.5  # a reference token is kept when its patch's mean mask coverage >= this (ours)
+    mask_threshold: float = 0.5  # mask channels = latent-pixel coverage >= this (ours)
+    ref_rope_offset: int = 0  # reference k gets temporal RoPE index F + offset + k (ours: offset 0)
+    gradient_checkpointing: bool = True  # recompute each block in backward (needed at 14B)
+    max_refs: int = 8  # most references per clip accepted (quality degrades around 12 per the paper)
+    text_len: int | None = None  # text tokens per prompt; None = the scale's (512 at 1.3B/14B as Wan pads)
+    seed: int = 0  # seed of the random weights of tiny/mini components (identical on every rank)
+
+    def __post_init__(self) -> None:
+        if self.scale not in SCALES:
+            raise ValueError(f"scale must be one of {list(SCALES)}, got {self.scale!r}")
+        if self.init not in ("t2v", "i2v", "random"):
+            raise ValueError(f"init must be 't2v', 'i2v' or 'random', got {self.init!r}")
+        if self.ref_timestep not in ("shared", "zero"):
+            raise ValueError(f"ref_timestep must be 'shared' or 'zero', got {self.ref_timestep!r}")
+        if self.attn_backend not in ("auto", "xformers", "sdpa"):
+            raise ValueError(f"attn_backend must be 'auto', 'xformers' or 'sdpa', got {self.attn_backend!r}")
+        for name in ("valid_threshold", "mask_threshold"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if self.ref_rope_offset < 0:
+            raise ValueError(f"ref_rope_offset must be >= 0, got {self.ref_rope_offset}")
+        if self.max_refs < 1:
+            raise ValueError(f"max_refs must be >= 1, got {self.max_refs}")
+        if self.text_len is not None and self.text_len < 1:
+            raise ValueError(f"text_len must be >= 1 or None, got {self.text_len}")
+
+    @property
+    def spec(self) -> ScaleSpec:
+        return SCALES[self.scale]()
+
+    @property
+    def resolved_text_len(self) -> int:
+        return self.text_len if self.text_len is not None else self.spec.text_len
+
+
+@dataclass(frozen=True)
+class ScaleSpec:
+    """What a scale is made of. `dit` holds `WanTransformer3DModel` kwargs in the T2V layout."""
+
+    dit: dict[str, Any]  # WanTransformer3DModel config (in_channels = latent channels)
+    text_len: int  # default text tokens per prompt
+    pretrained: bool  # load VAE / text encoder / tokenizer (and the DiT unless init=random) from wan_dir
+    umt5: dict[str, Any] = field(default_factory=dict)  # random UMT5Config kwargs (not pretrained)
+    vae: dict[str, Any] = field(default_factory=dict)  # random AutoencoderKLWan kwargs; {"pixel": s} = PixelAutoencoder
+
+
+def _wan21(heads: int, ffn: int, layers: int) -> dict[str, Any]:
+    """Wan2.1 T2V transformer config (diffusers' `transformer/config.json`)."""
+    return dict(
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=128, in_channels=16, out_channels=16,
+        text_dim=4096, freq_dim=256, ffn_dim=ffn, num_layers=layers, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+    )
+
+
+def _small_dit(heads: int, head_dim: int, layers: int, text_dim: int, channels: int) -> dict[str, Any]:
+    return dict(
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=channels,
+        out_channels=channels, text_dim=text_dim, freq_dim=64, ffn_dim=4 * heads * head_dim, num_layers=layers,
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=256,
+    )
+
+
+def _umt5(d_model: int, layers: int) -> dict[str, Any]:
+    return dict(
+        vocab_size=384, d_model=d_model, d_kv=16, d_ff=2 * d_model, num_layers=layers, num_heads=d_model // 16,
+        relative_attention_num_buckets=8, relative_attention_max_distance=32,
+    )
+
+
+SCALES: dict[str, Callable[[], ScaleSpec]] = {
+    "tiny": lambda: ScaleSpec(
+        _small_dit(2, 16, 2, 32, 16), 16, False, _umt5(32, 1),
+        dict(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]),
+    ),
+    "mini": lambda: ScaleSpec(_small_dit(4, 32, 4, 64, 48), 64, False, _umt5(64, 2), {"pixel": 2}),
+    "1.3B": lambda: ScaleSpec(_wan21(12, 8960, 30), 512, True),
+    "14B": lambda: ScaleSpec(_wan21(40, 13824, 40), 512, True),
+}
+
+
+def i2v_dit(dit: dict[str, Any]) -> dict[str, Any]:
+    """The I2V variant of a T2V config: noisy + mask + condition input and the CLIP image branch."""
+    inner = dit["num_attention_heads"] * dit["attention_head_dim"]
+    return {**dit, "in_channels": 2 * dit["out_channels"] + 4, "image_dim": 1280, "added_kv_proj_dim": inner}
+
+
+# ----------------------------------------------------------------------------------------------- autoencoders
+
+
+class PixelAutoencoder(nn.Module):
+    """Exactly invertible pixel-space 'autoencoder' for the mini scale (no learned weights).
+
+    Like the Wan VAE, frame 0 forms the first latent frame alone and frames 1..4k form k more, 4 at a
+    time; the first frame is repeated 4 times to fill its group (Wan's causal convs pad it the same way).
+    Each group of 4 frames is stacked into channels and pixel-unshuffled by `spatial_factor`:
+    3 * 4 * s^2 latent channels (48 at s=2). No 16-channel map of 3x4xs^2 values can be invertible, so the
+    mini DiT takes C + 4 + C = 100 input channels instead (set from `latent_channels`).
+    """
+
+    def __init__(self, spatial_factor: int = 2, temporal_factor: int = 4) -> None:
+        super().__init__()
+        self.spatial_factor = spatial_factor
+        self.temporal_factor = temporal_factor
+        self.latent_channels = 3 * temporal_factor * spatial_factor**2
+
+    def encode(self, video: Tensor) -> Tensor:  # [B, 3, 1+tk, H, W] -> [B, C, 1+k, H/s, W/s]
+        t = self.temporal_factor
+        first = video[:, :, :1].expand(-1, -1, t, -1, -1)
+        groups = torch.cat([first, video[:, :, 1:]], dim=2).unflatten(2, (-1, t))  # [B, 3, n, t, H, W]
+        groups = groups.permute(0, 2, 1, 3, 4, 5).flatten(2, 3)  # [B, n, 3t, H, W]
+        return F.pixel_unshuffle(groups, self.spatial_factor).transpose(1, 2)  # [B, C, n, h, w]
+
+    def decode(self, latents: Tensor) -> Tensor:  # [B, C, n, h, w] -> [B, 3, 1+t(n-1), H, W]
+        groups = F.pixel_shuffle(latents.transpose(1, 2), self.spatial_factor)  # [B, n, 3t, H, W]
+        groups = groups.unflatten(2, (3, self.temporal_factor)).permute(0, 2, 1, 3, 4, 5)  # [B, 3, n, t, H, W]
+        video = torch.cat([groups[:, :, 0, :1], groups[:, :, 1:].flatten(2, 3)], dim=2)
+        return video.clamp(-1.0, 1.0)
+
+
+class VideoVAE(nn.Module):
+    """Frozen autoencoder with Wan's latent normalisation, one interface for `AutoencoderKLWan` and
+    `PixelAutoencoder`: `encode(video in [-1, 1]) -> (z - mean) / std`, `decode` inverts both steps.
+
+    Encoding takes the posterior mode, as diffusers' Wan I2V pipeline does for its condition frames.
+    """
+
+    def __init__(self, model: nn.Module, latents_mean: list[float], latents_std: list[float]) -> None:
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        if isinstance(model, AutoencoderKLWan):
+            cfg = model.config
+            # `spatial_compression_ratio` is the config value, not the real factor of a custom dim_mult
+            self.spatial_factor = 2 ** (len(cfg.dim_mult) - 1) * (cfg.patch_size or 1)
+            self.temporal_factor = 2 ** sum(cfg.temperal_downsample)
+            self.latent_channels = cfg.z_dim
+        else:
+            self.spatial_factor, self.temporal_factor = model.spatial_factor, model.temporal_factor
+            self.latent_channels = model.latent_channels
+        shape = (1, self.latent_channels, 1, 1, 1)
+        self.register_buffer("latents_mean", torch.tensor(latents_mean).view(shape), persistent=False)
+        self.register_buffer("latents_std", torch.tensor(latents_std).view(shape), persistent=False)
+
+    def train(self, mode: bool = True) -> VideoVAE:
+        return super().train(False)  # frozen: stays in eval mode under LightningModule.train()
+
+    def _check_video(self, video: Tensor) -> None:
+        if video.ndim != 5 or video.shape[1] != 3:
+            raise ValueError(f"video must be [B, 3, F, H, W], got {tuple(video.shape)}")
+        frames, h, w = video.shape[2:]
+        if (frames - 1) % self.temporal_factor:
+            raise ValueError(f"frame count must be 1 + {self.temporal_factor}k, got {frames}")
+        if h % self.spatial_factor or w % self.spatial_factor:
+            raise ValueError(f"height and width must be multiples of {self.spatial_factor}, got {h}x{w}")
+
+    @torch.no_grad()
+    def encode(self, video: Tensor) -> Tensor:  # [B, 3, 1+4k, H, W] -> [B, C, 1+k, H/s, W/s]
+        self._check_video(video)
+        dtype = next(self.model.parameters(), self.latents_mean).dtype
+        if isinstance(self.model, AutoencoderKLWan):
+            z = self.model.encode(video.to(dtype)).latent_dist.mode()
+        else:
+            z = self.model.encode(video.to(dtype))
+        return (z - self.latents_mean.to(z.dtype)) / self.latents_std.to(z.dtype)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:  # [B, C, f, h, w] -> [B, 3, 1+4(f-1), H, W] in [-1, 1]
+        z = latents * self.latents_std.to(latents.dtype) + self.latents_mean.to(latents.dtype)
+        if isinstance(self.model, AutoencoderKLWan):
+            dtype = next(self.model.parameters()).dtype
+            return self.model.decode(z.to(dtype)).sample
+        return self.model.decode(z)
+
+
+# ----------------------------------------------------------------------------------------------- text
+
+
+def tokenize(tokenizer: Any, captions: list[str], text_len: int) -> tuple[Tensor, Tensor]:
+    """Tokenize like `WanPipeline._get_t5_prompt_embeds`: pad/truncate to `text_len`. -> ids, mask [B, L]."""
+    out = tokenizer(
+        list(captions), padding="max_length", max_length=text_len, truncation=True,
+        add_special_tokens=True, return_attention_mask=True, return_tensors="pt",
+    )
+    return out.input_ids, out.attention_mask
+
+
+class TextEncoder(nn.Module):
+    """Frozen umT5 encoder returning Wan's text embeddings: zero past each prompt's length."""
+
+    def __init__(self, encoder: UMT5EncoderModel, tokenizer: Any, text_len: int) -> None:
+        super().__init__()
+        self.encoder = encoder.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.text_len = text_len
+        self.dim = encoder.config.d_model
+
+    def train(self, mode: bool = True) -> TextEncoder:
+        return super().train(False)
+
+    def tokenize(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        return tokenize(self.tokenizer, captions, self.text_len)
+
+    @torch.no_grad()
+    def encode(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:  # [B, L] -> [B, text_len, D]
+        device = next(self.encoder.parameters()).device
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        emb = self.encoder(input_ids, attention_mask).last_hidden_state  # [B, L, D]
+        lens = attention_mask.gt(0).sum(dim=1)  # as the pipeline: embeddings past the length become 0
+        keep = torch.arange(emb.shape[1], device=device)[None, :] < lens[:, None]
+        emb = torch.where(keep[..., None], emb, torch.zeros_like(emb))
+        if emb.shape[1] < self.text_len:
+            emb = F.pad(emb, (0, 0, 0, self.text_len - emb.shape[1]))
+        return emb[:, : self.text_len]
+
+
+# ----------------------------------------------------------------------------------------------- building
+
+
+@dataclass
+class Components:
+    """Everything a Saber run needs from the model side."""
+
+    transformer: SaberTransformer
+    vae: VideoVAE
+    text_encoder: TextEncoder
+    tokenizer: Any
+
+
+def resolve_wan_dir(cfg: ModelConfig, subfolders: tuple[str, ...]) -> Path:
+    """The local Wan diffusers folder (`wan_dir` or $WAN_DIR), checked to contain `subfolders`."""
+    path = cfg.wan_dir or os.environ.get("WAN_DIR")
+    if not path:
+        raise ValueError(f"scale {cfg.scale!r} needs wan_dir (or $WAN_DIR): a local diffusers Wan2.1 folder")
+    root = Path(path)
+    missing = [s for s in subfolders if not (root / s).is_dir()]
+    if missing:
+        raise ValueError(f"wan_dir (or $WAN_DIR) {root} lacks subfolder(s) {missing}")
+    return root
+
+
+def saber_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """The SaberTransformer knobs of a ModelConfig."""
+    return dict(
+        ref_timestep=cfg.ref_timestep, attn_backend=cfg.attn_backend, ref_attn_mask=cfg.ref_attn_mask,
+        valid_threshold=cfg.valid_threshold, mask_threshold=cfg.mask_threshold,
+        ref_rope_offset=cfg.ref_rope_offset, max_refs=cfg.max_refs,
+    )
+
+
+def random_wan(dit: dict[str, Any], init: str) -> WanTransformer3DModel:
+    """A random Wan DiT: T2V layout for init=t2v (widened later, new channels at zero), else 2C+4 inputs."""
+    if init == "t2v":
+        return WanTransformer3DModel(**dit)
+    return WanTransformer3DModel(**{**dit, "in_channels": 2 * dit["out_channels"] + 4})
+
+
+def meta_wan(scale: str, i2v: bool = False, in_channels: int | None = None) -> WanTransformer3DModel:
+    """The stock diffusers DiT of a scale on the meta device (no memory), for parameter counts."""
+    dit = SCALES[scale]().dit
+    dit = i2v_dit(dit) if i2v else {**dit, "in_channels": in_channels or dit["in_channels"]}
+    with torch.device("meta"):
+        return WanTransformer3DModel(**dit)
+
+
+def meta_transformer(cfg: ModelConfig) -> SaberTransformer:
+    """The SaberTransformer of `cfg` on the meta device (no weights read), for parameter counts."""
+    with torch.device("meta"):
+        return SaberTransformer(random_wan(cfg.spec.dit, cfg.init), **saber_kwargs(cfg))
+
+
+def num_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`module.to(dtype)` only when needed (diffusers warns on any `.to(dtype)` of a Wan DiT)."""
+    return module if next(module.parameters()).dtype == dtype else module.to(dtype)
+
+
+def _load_wan(cfg: ModelConfig, root: Path, dtype: torch.dtype) -> WanTransformer3DModel:
+    if not is_accelerate_available():  # diffusers otherwise fails with a cryptic low_cpu_mem_usage error
+        raise ImportError("loading a Wan DiT with diffusers' from_pretrained needs `accelerate` (pip install accelerate)")
+    wan = WanTransformer3DModel.from_pretrained(root / "transformer", torch_dtype=dtype, local_files_only=True)
+    want = wan.config.out_channels if cfg.init == "t2v" else 2 * wan.config.out_channels + 4
+    if wan.config.in_channels != want:
+        raise ValueError(f"init={cfg.init!r} expects a transformer with {want} input channels, "
+                         f"{root / 'transformer'} has {wan.config.in_channels}")
+    return wan
+
+
+def build_components(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Components:
+    """Build (tiny/mini) or load (1.3B/14B from wan_dir) the DiT, VAE, text encoder and tokenizer."""
+    spec = cfg.spec
+    text_len = cfg.resolved_text_len
+    if spec.pretrained:
+        needed = ("vae", "text_encoder", "tokenizer") + (("transformer",) if cfg.init != "random" else ())
+        root = resolve_wan_dir(cfg, needed)
+        if cfg.init == "random":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed)
+                wan = _cast(random_wan(spec.dit, cfg.init), dtype)
+        else:
+            wan = _load_wan(cfg, root, dtype)
+        vae_model = AutoencoderKLWan.from_pretrained(root / "vae", torch_dtype=torch.float32, local_files_only=True)
+        vae = VideoVAE(vae_model, vae_model.config.latents_mean, vae_model.config.latents_std)
+        encoder = UMT5EncoderModel.from_pretrained(root / "text_encoder", dtype=dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+    else:
+        with torch.random.fork_rng(devices=[]):  # same random weights on every rank
+            torch.manual_seed(cfg.seed)
+            wan = random_wan(spec.dit, cfg.init)
+            encoder = UMT5EncoderModel(UMT5Config(**spec.umt5))
+        if "pixel" in spec.vae:
+            pixel = PixelAutoencoder(spatial_factor=spec.vae["pixel"])
+            vae = VideoVAE(pixel, [0.0] * pixel.latent_channels, [1.0] * pixel.latent_channels)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed + 1)
+                vae_model = AutoencoderKLWan(**spec.vae)
+            vae = VideoVAE(vae_model, vae_model.config.latents_mean, vae_model.config.latents_std)
+        tokenizer = ByT5Tokenizer()
+        wan, encoder = _cast(wan, dtype), _cast(encoder, dtype)
+    if vae.latent_channels != wan.config.out_channels:
+        raise ValueError(f"VAE has {vae.latent_channels} latent channels, DiT {wan.config.out_channels}")
+    transformer = SaberTransformer(wan, **saber_kwargs(cfg))
+    transformer.gradient_checkpointing = cfg.gradient_checkpointing
+    text_encoder = TextEncoder(encoder, tokenizer, text_len)
+    return Components(transformer.to(device), vae.to(device), text_encoder.to(device), tokenizer)

@@ -1,0 +1,207 @@
+"""shards.py (packing, reports, plain-WebDataset readability) and synthetic.py (determinism, captions)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from saber_pl.shards import main as pack_main
+from saber_pl.shards import manifest_items, pack, sidecar_items
+from saber_pl.synthetic import (
+    BACKGROUND_WORDS,
+    NOUNS,
+    SyntheticConfig,
+    build_embedded,
+    clip_record,
+    make_caption,
+    make_sample,
+    render_clip,
+    render_subject,
+    sample_clip_spec,
+    subject_from_record,
+)
+from saber_pl.video import decode_clip, encode_mp4, probe
+
+ROOT = Path(__file__).resolve().parent.parent
+COLOUR_WORDS = {"red", "green", "blue", "yellow", "orange", "purple", "pink", "brown", "black", "white", "gray",
+                "grey", "cyan", "magenta", "violet", "teal", "gold", "silver", "colored", "coloured", "colorful"}
+TEXTURE_WORDS = {"solid", "dots", "dotted", "spotted", "stripes", "checker", "polka"}
+
+
+def clip(frames: int = 12, size: int = 32, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (frames, size, size, 3), dtype=np.uint8)
+
+
+def write_mkv(path: Path, frames: np.ndarray, fps: int = 12) -> None:
+    """An mpeg4-in-Matroska file: a second container and codec for the packer."""
+    with av.open(str(path), mode="w", format="matroska") as c:
+        s = c.add_stream("mpeg4", rate=fps)
+        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for f in frames:
+            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+@pytest.fixture()
+def video_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "videos"
+    (d / "sub.dir").mkdir(parents=True)
+    for i in range(3):
+        (d / f"clip{i}.mp4").write_bytes(encode_mp4(clip(seed=i), 12))
+        (d / f"clip{i}.txt").write_text(f"caption {i}\n")
+    write_mkv(d / "sub.dir" / "other.v1.mkv", clip(seed=9))
+    (d / "sub.dir" / "other.v1.txt").write_text("an mkv clip")
+    (d / "broken.mp4").write_bytes(b"not a video at all" * 50)
+    (d / "broken.txt").write_text("never packed")
+    (d / "nocaption.mp4").write_bytes(encode_mp4(clip(seed=5), 12))
+    return d
+
+
+def read_all(pattern: str) -> list[dict]:
+    """Every sample through a plain WebDataset reader."""
+    return list(wds.WebDataset(pattern, shardshuffle=False, empty_check=False))
+
+
+def test_pack_folder_reports_unreadable_and_writes_readable_shards(video_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "shards"
+    report = pack(sidecar_items(video_dir), out, root=video_dir, maxcount=2, workers=2, progress=False)
+    assert (report["total"], report["written"], report["skipped"]) == (6, 4, 2)
+    assert report["skipped_by_reason"] == {"corrupt_video": 1, "missing_caption": 1}
+    assert {Path(s["path"]).name for s in report["skipped_items"]} == {"broken.mp4", "nocaption.mp4"}
+    assert json.loads((out / "report.json").read_text()) == report
+    assert report["shards"] == ["shard-000000.tar", "shard-000001.tar"]  # maxcount 2
+    samples = read_all(str(out / "shard-{000000..000001}.tar"))
+    by_key = {s["__key__"]: s for s in samples}
+    assert set(by_key) == {"clip0", "clip1", "clip2", "sub_dir_other_v1"}  # no dots in keys
+    mkv = by_key["sub_dir_other_v1"]
+    assert "mkv" in mkv and mkv["txt"] == b"an mkv clip"
+    meta = json.loads(by_key["clip1"]["json"])
+    assert meta == {"fps": 12.0, "frames": 12, "width": 32, "height": 32, "codec": "h264", "source": "clip1.mp4"}
+    assert by_key["clip1"]["mp4"] == (video_dir / "clip1.mp4").read_bytes()  # stored untouched
+    assert decode_clip(mkv["mkv"], 6, 12, 32, 32, start=0).shape == (6, 3, 32, 32)
+
+
+def test_pack_from_csv_and_maxsize(video_dir: Path, tmp_path: Path) -> None:
+    csv_path = tmp_path / "list.csv"
+    csv_path.write_text('path,caption\nclip0.mp4,"first, with a comma"\nclip2.mp4,second\nmissing.mp4,gone\n')
+    out = tmp_path / "csv"
+    report = pack(manifest_items(csv_path, video_dir), out, maxsize=1, workers=1, progress=False)
+    assert report["written"] == 2 and report["skipped_by_reason"] == {"corrupt_video": 1}
+    assert len(report["shards"]) == 2  # maxsize 1 byte: one sample per shard
+    assert sorted(s["txt"].decode() for s in read_all(str(out / "shard-{000000..000001}.tar"))) == [
+        "first, with a comma", "second"]
+
+
+def test_pack_triplets_from_jsonl_via_cli(video_dir: Path, tmp_path: Path) -> None:
+    Image.fromarray(clip(1, 40)[0]).save(tmp_path / "ref_a.jpg")
+    Image.fromarray(np.full((40, 40), 255, np.uint8)).save(tmp_path / "mask_a.png")
+    Image.fromarray(clip(1, 24)[0]).save(tmp_path / "ref_b.png")
+    Image.fromarray(np.eye(24, dtype=np.uint8) * 255).save(tmp_path / "mask_b.png")
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    rows = [
+        {"path": str(video_dir / "clip0.mp4"), "caption": "two refs", "refs": ["ref_a.jpg", "ref_b.png"],
+         "masks": ["mask_a.png", "mask_b.png"]},
+        {"path": str(video_dir / "clip1.mp4"), "caption": "bad ref", "refs": ["bad.png"], "masks": ["mask_a.png"]},
+        {"path": str(video_dir / "clip2.mp4"), "caption": "mask count", "refs": ["ref_a.jpg"], "masks": []},
+    ]
+    (tmp_path / "triplets.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "trip"
+    assert pack_main(["--captions", str(tmp_path / "triplets.jsonl"), "--out", str(out), "--prefix", "t",
+                      "--workers", "1", "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["written"] == 2 and report["skipped_by_reason"] == {"bad_reference": 1}
+    samples = {s["__key__"]: s for s in read_all(str(out / "t-000000.tar"))}
+    two = samples["videos_clip0"]  # keys are paths relative to the list's folder
+    assert {"mp4", "txt", "json", "ref0.png", "ref0.mask.png", "ref1.png", "ref1.mask.png"} <= set(two)
+    assert Image.open(__import__("io").BytesIO(two["ref1.mask.png"])).mode == "L"
+    assert "ref0.png" in samples["videos_clip2"] and "ref0.mask.png" not in samples["videos_clip2"]
+
+
+def test_cli_module_entry_point(video_dir: Path, tmp_path: Path) -> None:
+    res = subprocess.run([sys.executable, "-m", "saber_pl.shards", str(video_dir), "--out", str(tmp_path / "o"),
+                          "--workers", "1", "--no-progress"], capture_output=True, text=True, cwd=ROOT, check=True)
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["written"] == 4 and "broken.mp4" in res.stderr
+
+
+# --- synthetic data set --------------------------------------------------------------------------
+
+SMALL = SyntheticConfig(num_frames=9, fps=8.0, height=32, width=32)
+
+
+def test_synthetic_clips_are_deterministic_by_seed() -> None:
+    a, b, c = sample_clip_spec(7, SMALL), sample_clip_spec(7, SMALL), sample_clip_spec(8, SMALL)
+    assert a == b and a != c
+    fa = render_clip(a)
+    assert fa.shape == (9, 32, 32, 3) and fa.dtype == np.uint8
+    assert np.array_equal(fa, render_clip(b)) and not np.array_equal(fa, render_clip(c))
+    assert fa.std(axis=0).mean() > 1.0  # something moves
+    s1, s2 = make_sample((0, "train", 3, SMALL)), make_sample((0, "train", 3, SMALL))
+    assert s1 == s2 and probe(s1["mp4"]).frames == 9
+
+
+def test_captions_name_motion_and_background_never_colours_or_textures() -> None:
+    vocab: set[str] = set()
+    kinds: set[str] = set()
+    for seed in range(150):
+        spec = sample_clip_spec(seed, SMALL)
+        words = set(re.findall(r"[a-z]+", spec.caption))
+        vocab |= words
+        kinds |= {m.kind for m in spec.motions}
+        assert not words & COLOUR_WORDS, spec.caption
+        assert BACKGROUND_WORDS[spec.background.kind] in spec.caption
+        # identity lives only in the references: recolouring / retexturing a subject leaves the caption unchanged
+        for s in spec.subjects:
+            s.color, s.color2, s.texture, s.shape = (1, 2, 3), (4, 5, 6), "dots", "star"
+        assert make_caption(spec.noun, spec.motions, spec.background) == spec.caption
+    subject_words = vocab - {w for p in BACKGROUND_WORDS.values() for w in p.split()}
+    assert not subject_words & TEXTURE_WORDS
+    assert len(kinds) >= 8  # many motions in the mix
+    assert {n.split()[1] for n in NOUNS} <= vocab
+
+
+def test_record_keeps_subjects_and_trajectories_and_product_photo() -> None:
+    spec = sample_clip_spec(3, SMALL)
+    rec = json.loads(json.dumps(clip_record(spec)))
+    assert (rec["frames"], rec["fps"], rec["width"], rec["height"]) == (9, 8.0, 32, 32)
+    traj = np.asarray(rec["subjects"][0]["trajectory"])
+    assert traj.shape == (9, 4)
+    subject = subject_from_record(rec["subjects"][0])
+    assert subject == spec.subjects[0]
+    image, mask = render_subject(subject, 64, 64, scale=1.5, angle=30)
+    assert image.shape == (64, 64, 3) and mask.dtype == bool and 0.02 < mask.mean() < 0.6
+    assert np.abs(image[~mask].astype(int) - 128).mean() < 2  # plain gray around (edge pixels blend)
+    assert np.abs(image[mask].astype(int) - 128).mean() > 5  # the subject shows
+
+
+def test_build_embedded_writes_train_and_val_shards(tmp_path: Path) -> None:
+    summary = build_embedded(tmp_path / "emb", num_train=6, num_val=2, cfg=SMALL, seed=1, workers=2, maxcount=4,
+                             progress=False)
+    assert summary["splits"]["train"]["shards"] == ["train-000000.tar", "train-000001.tar"]
+    assert (tmp_path / "emb" / ".complete").exists()
+    train = read_all(str(tmp_path / "emb" / "train-{000000..000001}.tar"))
+    val = read_all(str(tmp_path / "emb" / "val-000000.tar"))
+    assert len(train) == 6 and len(val) == 2
+    assert len({s["mp4"] for s in train + val}) == 8  # val clips are not train clips
+    assert json.loads(train[0]["json"])["source"].startswith("synthetic:")
+
+
+def test_checked_in_test_shard_is_small_and_complete() -> None:
+    shard = ROOT / "data" / "test" / "tiny-000000.tar"
+    assert shard.stat().st_size < 1_000_000
+    samples = read_all(str(shard))
+    assert len(samples) == 6
+    for s in samples:
+        assert {"mp4", "txt", "json", "ref0.png", "ref0.mask.png"} <= set(s)
+        assert probe(s["mp4"]).frames == 17

@@ -1,0 +1,136 @@
+"""Scale registry, parameter counts, VAE and text-encoder wrappers, loading from a local Wan folder."""
+
+import pytest
+import torch
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+from saber_pl.dit import drop_image_branch
+from saber_pl.wan import (
+    SCALES, ModelConfig, PixelAutoencoder, VideoVAE, build_components, meta_transformer, meta_wan, num_params,
+)
+
+
+@pytest.mark.parametrize(
+    "field,value", [("scale", "7B"), ("init", "v2v"), ("ref_timestep", "one"), ("attn_backend", "flash"),
+                    ("valid_threshold", 0.0), ("mask_threshold", 1.5), ("max_refs", 0), ("text_len", 0),
+                    ("ref_rope_offset", -1)]
+)
+def test_config_validation_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        ModelConfig(**{"scale": "tiny", field: value})
+
+
+def test_meta_parameter_counts_match_diffusers():
+    assert num_params(meta_wan("14B")) == 14_288_491_584
+    assert num_params(meta_wan("1.3B")) == 1_418_996_800
+    assert num_params(meta_wan("14B", in_channels=36)) == 14_288_901_184
+    assert num_params(meta_transformer(ModelConfig(scale="14B", init="t2v"))) == 14_288_901_184
+    i2v = meta_wan("14B", i2v=True)
+    assert num_params(i2v) == 16_394_878_784
+    drop_image_branch(i2v)
+    assert num_params(i2v) == 14_288_901_184
+    assert num_params(meta_transformer(ModelConfig(scale="14B", init="i2v"))) == 14_288_901_184
+
+
+def test_tiny_components_end_to_end():
+    comps = build_components(ModelConfig(scale="tiny"))
+    vae, text = comps.vae, comps.text_encoder
+    assert isinstance(vae.model, AutoencoderKLWan) and (vae.spatial_factor, vae.temporal_factor) == (8, 4)
+    video = torch.rand(2, 3, 5, 32, 32) * 2 - 1
+    z = vae.encode(video)
+    assert z.shape == (2, 16, 2, 4, 4)
+    raw = vae.model.encode(video).latent_dist.mode()  # Wan pipeline normalisation: (z - mean) / std
+    mean = torch.tensor(vae.model.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.model.config.latents_std).view(1, -1, 1, 1, 1)
+    torch.testing.assert_close(z, (raw - mean) / std)
+    assert vae.decode(z).shape == video.shape
+    ref = vae.encode(video[:, :, :1])  # a reference image is a one-frame video
+    assert ref.shape == (2, 16, 1, 4, 4)
+    ids, mask = text.tokenize(["a red fox", "a cat"])
+    out = comps.transformer(z, torch.tensor([10.0, 900.0]), text.encode(ids, mask), ref[:, None, :, 0],
+                            torch.ones(2, 1, 1, 4, 4), torch.tensor([1, 0]))
+    assert out.shape == z.shape
+    assert not any(p.requires_grad for p in vae.parameters()) and not any(p.requires_grad for p in text.parameters())
+    vae.train(), text.train()
+    assert not vae.model.training and not text.encoder.training
+
+
+def test_vae_rejects_frame_counts_it_would_cut():
+    vae = build_components(ModelConfig(scale="tiny")).vae
+    with pytest.raises(ValueError, match="1 \\+ 4k"):
+        vae.encode(torch.zeros(1, 3, 6, 32, 32))  # the Wan VAE would silently drop a frame
+    with pytest.raises(ValueError, match="multiples of 8"):
+        vae.encode(torch.zeros(1, 3, 5, 36, 32))
+
+
+@pytest.mark.parametrize("frames", [1, 5, 9])
+def test_pixel_autoencoder_round_trip_is_exact(frames):
+    vae = VideoVAE(PixelAutoencoder(2), [0.0] * 48, [1.0] * 48)
+    video = torch.rand(2, 3, frames, 16, 24) * 2 - 1
+    z = vae.encode(video)
+    assert z.shape == (2, 48, 1 + (frames - 1) // 4, 8, 12) and vae.latent_channels == 48
+    assert torch.equal(vae.decode(z), video)
+    with pytest.raises(ValueError, match="1 \\+ 4k"):
+        vae.encode(torch.cat([video, video], dim=2))  # 2, 10, 18 frames
+
+
+def test_mini_scale_uses_pixel_space_latents():
+    comps = build_components(ModelConfig(scale="mini"))
+    assert isinstance(comps.vae.model, PixelAutoencoder)
+    assert comps.transformer.latent_channels == comps.vae.latent_channels == 48
+    assert comps.transformer.wan.config.in_channels == 48 + 4 + 48
+    assert comps.text_encoder.text_len == SCALES["mini"]().text_len
+
+
+def test_text_encoder_zero_pads_like_wan_pipeline():
+    text = build_components(ModelConfig(scale="tiny", text_len=12)).text_encoder
+    captions = ["hi", "a much longer caption than twelve bytes"]
+    ids, mask = text.tokenize(captions)
+    assert ids.shape == mask.shape == (2, 12)
+    emb = text.encode(ids, mask)
+    raw = text.encoder(ids, mask).last_hidden_state  # WanPipeline._get_t5_prompt_embeds, line by line
+    lens = mask.gt(0).sum(dim=1).long()
+    want = torch.stack([torch.cat([u[:v], u.new_zeros(12 - v, u.size(1))]) for u, v in zip(raw, lens)])
+    assert torch.equal(emb, want)
+    assert lens[0] == 3 and not emb[0, 3:].any() and emb[0, :3].abs().sum() > 0
+
+
+def write_wan_folder(root):
+    """A tiny Wan2.1-style diffusers folder: transformer/, vae/, text_encoder/, tokenizer/."""
+    dit = SCALES["tiny"]().dit
+    WanTransformer3DModel(**dit).save_pretrained(root / "transformer")
+    AutoencoderKLWan(**SCALES["tiny"]().vae).save_pretrained(root / "vae")
+    UMT5EncoderModel(UMT5Config(**SCALES["tiny"]().umt5)).save_pretrained(root / "text_encoder")
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, "a": 3, "cat": 4, "runs": 5}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>").save_pretrained(
+        root / "tokenizer"
+    )
+
+
+def test_loading_from_local_wan_dir(tmp_path, monkeypatch):
+    write_wan_folder(tmp_path)
+    comps = build_components(ModelConfig(scale="1.3B", wan_dir=str(tmp_path), text_len=8))
+    saved = WanTransformer3DModel.from_pretrained(tmp_path / "transformer").patch_embedding.weight
+    loaded = comps.transformer.wan.patch_embedding.weight
+    assert torch.equal(loaded[:, :16], saved) and not loaded[:, 16:].any()
+    ids, mask = comps.text_encoder.tokenize(["a cat runs"])
+    assert comps.text_encoder.encode(ids, mask).shape == (1, 8, 32)
+    assert comps.vae.encode(torch.zeros(1, 3, 1, 16, 16)).shape == (1, 16, 1, 2, 2)
+
+    monkeypatch.setenv("WAN_DIR", str(tmp_path))  # $WAN_DIR stands in for wan_dir
+    assert build_components(ModelConfig(scale="1.3B", text_len=8)).transformer.latent_channels == 16
+    with pytest.raises(ValueError, match="init='i2v'"):
+        build_components(ModelConfig(scale="1.3B", init="i2v"))
+
+
+def test_missing_wan_dir_is_reported(tmp_path, monkeypatch):
+    monkeypatch.delenv("WAN_DIR", raising=False)
+    with pytest.raises(ValueError, match="wan_dir.*WAN_DIR"):
+        build_components(ModelConfig(scale="14B"))
+    (tmp_path / "vae").mkdir()
+    with pytest.raises(ValueError, match="wan_dir.*lacks.*transformer"):
+        build_components(ModelConfig(scale="14B", wan_dir=str(tmp_path)))
