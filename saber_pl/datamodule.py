@@ -284,8 +284,9 @@ class SaberStream(IterableDataset):
                 if done == quota:
                     return
             if done == before:
-                raise RuntimeError(f"a pass over {len(self.urls)} shard(s) gave reader (rank {self.rank}, "
-                                   f"worker {worker}) no batch: {self.urls[:3]}...")
+                raise RuntimeError(f"a whole pass over {len(self.urls)} shard(s) ({self.urls[0]} ...) gave rank "
+                                   f"{self.rank} worker {worker} no batch: too little data for "
+                                   f"{self.world_size} rank(s) x {num_workers} worker(s)")
 
     def _one_pass(self, worker: int, num_workers: int, counter: SkipCounter) -> Iterator[dict]:
         """One pass (infinite when resampled) of this reader's WebDataset pipeline."""

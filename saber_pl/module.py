@@ -154,7 +154,7 @@ class SaberModule(L.LightningModule):
 
     def _token_count(self, z0: Tensor, ref_cov: Tensor | None) -> Tensor:
         """Video + valid reference tokens of the batch (what the packed attention computes)."""
-        p = self.dit.patch_size
+        p = tuple(self.dit.wan.config.patch_size)
         video = z0.shape[0] * (z0.shape[2] // p[0]) * (z0.shape[3] // p[1]) * (z0.shape[4] // p[2])
         refs = 0
         if ref_cov is not None:

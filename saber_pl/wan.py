@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 from diffusers.utils import is_accelerate_available
 from torch import Tensor, nn
 from transformers import AutoTokenizer, ByT5Tokenizer, UMT5Config, UMT5EncoderModel
@@ -311,9 +312,21 @@ def meta_wan(scale: str, i2v: bool = False, in_channels: int | None = None) -> W
 
 
 def meta_transformer(cfg: ModelConfig) -> SaberTransformer:
-    """The SaberTransformer of `cfg` on the meta device (no weights read), for parameter counts."""
+    """The SaberTransformer of `cfg` on the meta device (no weights read), for parameter counts.
+
+    After `.to_empty(device=...)` and loading weights, call `rebuild_rope` before computing: the RoPE
+    tables are non-persistent buffers, so no state dict restores them.
+    """
     with torch.device("meta"):
         return SaberTransformer(random_wan(cfg.spec.dit, cfg.init), **saber_kwargs(cfg))
+
+
+def rebuild_rope(model: SaberTransformer) -> SaberTransformer:
+    """Recompute the DiT's RoPE tables in place (they are left uninitialised by `to_empty`)."""
+    rope = model.wan.rope
+    with torch.device(model.wan.patch_embedding.weight.device):
+        model.wan.rope = WanRotaryPosEmbed(rope.attention_head_dim, rope.patch_size, rope.max_seq_len)
+    return model
 
 
 def num_params(module: nn.Module) -> int:

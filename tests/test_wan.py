@@ -9,6 +9,7 @@ from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 from saber_pl.dit import drop_image_branch
 from saber_pl.wan import (
     SCALES, ModelConfig, PixelAutoencoder, VideoVAE, build_components, meta_transformer, meta_wan, num_params,
+    rebuild_rope,
 )
 
 
@@ -32,6 +33,16 @@ def test_meta_parameter_counts_match_diffusers():
     drop_image_branch(i2v)
     assert num_params(i2v) == 14_288_901_184
     assert num_params(meta_transformer(ModelConfig(scale="14B", init="i2v"))) == 14_288_901_184
+
+
+def test_meta_model_materialised_with_weights_and_rope_computes_the_same():
+    cfg = ModelConfig(scale="tiny")
+    model = build_components(cfg).transformer
+    empty = meta_transformer(cfg).to_empty(device="cpu")
+    empty.load_state_dict(model.state_dict())
+    rebuild_rope(empty)
+    z, t, text = torch.randn(1, 16, 2, 8, 8), torch.tensor([300.0]), torch.randn(1, 4, 32)
+    torch.testing.assert_close(empty(z, t, text), model(z, t, text), atol=0, rtol=0)
 
 
 def test_tiny_components_end_to_end():
