@@ -2,50 +2,21 @@
 
     python data/make_test_shard.py --out data/test --clips 6 --frames 17 --size 32 --fps 16 --seed 0
 
-Procedural clips (saber_pl/synthetic.py) as h264 mp4 with txt and json members, plus one
-"product photo" reference per subject (ref<i>.png, ref<i>.mask.png) so the same shard also
-serves the triplets source (the r2v_triplets ablation at scale tiny).
+Procedural clips (saber_pl/synthetic.py, as in the embedded set) as h264 mp4 with txt and json
+members, plus one "product photo" reference per subject (ref<i>.png, ref<i>.mask.png), so the same
+shard serves both sources (video_text, and triplets for the r2v_triplets ablation at scale tiny).
 """
 
 import argparse
-import io
 import json
 import shlex
 import sys
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from saber_pl.shards import write_samples  # noqa: E402
-from saber_pl.synthetic import SyntheticConfig, clip_record, clip_seed, render_clip, render_subject, sample_clip_spec  # noqa: E402
-from saber_pl.video import encode_mp4  # noqa: E402
-
-
-def png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def samples(clips: int, cfg: SyntheticConfig, seed: int):
-    for i in range(clips):
-        spec = sample_clip_spec(clip_seed(seed, "test", i), cfg)
-        sample = {
-            "__key__": f"tiny_{i:04d}",
-            "mp4": encode_mp4(render_clip(spec), cfg.fps, crf=cfg.crf),
-            "txt": spec.caption.encode(),
-            "json": json.dumps(clip_record(spec)).encode(),
-        }
-        rng = np.random.default_rng([seed, i])
-        for j, subject in enumerate(spec.subjects):  # reference: the subject alone, another scale and angle
-            image, mask = render_subject(subject, cfg.height, cfg.width, scale=float(rng.uniform(0.9, 1.3)),
-                                         angle=float(rng.uniform(-30, 30)))
-            sample[f"ref{j}.png"] = png(image)
-            sample[f"ref{j}.mask.png"] = png((mask * 255).astype(np.uint8))
-        yield sample
+from saber_pl.synthetic import SyntheticConfig, iter_samples  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = SyntheticConfig(num_frames=a.frames, fps=a.fps, height=a.size, width=a.size)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    shards = write_samples(samples(a.clips, cfg, a.seed), str(out / "tiny-%06d.tar"), maxcount=10**6)
+    shards = write_samples(iter_samples(a.seed, "tiny", a.clips, cfg, workers=1), str(out / "tiny-%06d.tar"),
+                           maxcount=10**6)
     args = " ".join(shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))
     (out / "README.md").write_text(
         "# Test shard\n\n`tiny-000000.tar` was made by `python data/make_test_shard.py "

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Literal
 
-import braceexpand
 import lightning as L
 import numpy as np
 import torch
@@ -57,7 +56,7 @@ class DataConfig:
     batch_size: int = 1  # clips per device per step (paper: global batch 64)
     val_batch_size: int | None = None  # validation batch (None = batch_size)
     num_workers: int = 4  # DataLoader worker processes per device
-    shuffle_buffer: int = 1000  # samples in each worker's shuffle buffer (train only)
+    shuffle_buffer: int = 100  # raw (still encoded) samples in each worker's shuffle buffer (train only)
     resampled: bool = True  # train: draw shards with replacement, an infinite stream
     split: Literal["auto", "shard", "sample"] = "auto"  # how readers share a non-resampled pass
     epoch_batches: int | None = None  # train batches per rank and epoch (None = one pass; infinite if resampled)
@@ -96,7 +95,7 @@ class DataConfig:
 def expand_shards(spec: str) -> list[str]:
     """Shard URLs from '::' or ',' separated brace patterns (commas inside braces belong to the pattern)."""
     parts = re.split(r"::|,(?![^{]*\})", spec)
-    urls = [u for p in parts if p.strip() for u in braceexpand.braceexpand(p.strip())]
+    urls = [u for p in parts if p.strip() for u in wds.shardlists.expand_urls(p.strip())]
     if not urls:
         raise ValueError(f"no shards in {spec!r}")
     return urls
@@ -300,7 +299,9 @@ class SaberStream(IterableDataset):
         if resampled:  # infinite, differently seeded on every (rank, worker); no splitting needed
             stages.append(wds.ResampledShards(self.urls, seed=wds.utils.make_seed(cfg.seed, epoch),
                                               worker_seed=lambda: self.rank * 1000 + worker, deterministic=True))
-        else:  # one pass in an order every reader agrees on, then dealt out
+        else:  # one pass in an order every reader agrees on, then dealt out. (wds.split_by_node and
+            # split_by_worker do the same islice but read the rank from the environment only; here it
+            # may come from the Trainer or the caller.)
             order = wds.utils.make_seed(cfg.seed, epoch) if self.train else None
             stages.append(wds.SimpleShardList(self.urls, seed=order))
             if not per_sample:
@@ -357,7 +358,7 @@ class SaberDataModule(L.LightningDataModule):
         self.augment = ReferenceAugment(self.aug_cfg)
         self._rank, self._world_size = rank, world_size
         self._skips: dict[str, dict[str, int]] = {}  # latest cumulative counts per (split, rank, worker)
-        self._aug_step, self._aug_calls = -1, 0
+        self._batches_augmented, self._last_step, self._calls_in_step = 0, -1, 0
 
     def rank_world(self) -> tuple[int, int]:
         """(rank, world size): explicit, else from the trainer, else torch.distributed, else (0, 1)."""
@@ -385,14 +386,20 @@ class SaberDataModule(L.LightningDataModule):
         return self._loader(self.cfg.val_shards, train=False) if self.cfg.val_shards else []
 
     def _augment_seed(self) -> int:
-        """Seed of the augmentation draw: (seed, rank, global step, call within the step, train/eval)."""
+        """Seed of one augmentation draw: (seed, rank, global step, call within that step, train/eval).
+
+        Without a trainer (tests, scripts) the step is the number of batches augmented so far.
+        """
         trainer = self.trainer
-        step = trainer.global_step if trainer is not None else self._aug_calls
-        self._aug_calls = self._aug_calls + 1 if step == self._aug_step or trainer is None else 0
-        self._aug_step = step
-        training = 1 if trainer is None or trainer.training else 0
+        if trainer is None:
+            step, call, training = self._batches_augmented, 0, 1
+        else:
+            step, training = trainer.global_step, int(trainer.training)
+            self._calls_in_step = self._calls_in_step + 1 if step == self._last_step else 0
+            self._last_step, call = step, self._calls_in_step
+        self._batches_augmented += 1
         rank, _ = self.rank_world()
-        return int(np.random.SeedSequence([self.cfg.seed, rank, step, self._aug_calls, training]).generate_state(1)[0])
+        return int(np.random.SeedSequence([self.cfg.seed, rank, step, call, training]).generate_state(1)[0])
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """uint8 -> [-1, 1], video to [B, 3, F, H, W], references augmented (gray outside the mask, zero padding)."""

@@ -173,10 +173,14 @@ class BiRefNetSegmenter:
         self.local_dir, self.size, self.threshold, self.device = local_dir, size, threshold, device
         self._model = model  # a callable stand-in for tests; None = load from local_dir
 
+    def check(self) -> None:
+        """Fail early (before any image is segmented) if the weights folder is missing."""
+        if self._model is None and not Path(self.local_dir).is_dir():
+            raise FileNotFoundError(f"BiRefNet folder not found: {self.local_dir}")
+
     def _load(self) -> Callable[[torch.Tensor], object]:
         if self._model is None:
-            if not Path(self.local_dir).is_dir():
-                raise FileNotFoundError(f"BiRefNet folder not found: {self.local_dir}")
+            self.check()
             from transformers import AutoModelForImageSegmentation
 
             model = AutoModelForImageSegmentation.from_pretrained(
@@ -303,6 +307,9 @@ def prepare_references(
             chosen.append(None)
         else:
             chosen.append(segmenter.choose(image, ref) if isinstance(segmenter, AutoSegmenter) else segmenter)
+    for seg in chosen:
+        if isinstance(seg, BiRefNetSegmenter):
+            seg.check()
     out_refs, out_masks = [], []
     for ref, image, seg in zip(refs, images, chosen):
         if seg is None:

@@ -13,6 +13,7 @@ background at another scale and angle (a "product photo" reference for evaluatio
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from saber_pl.video import encode_mp4
 
@@ -53,6 +55,7 @@ class SyntheticConfig:
     two_subject_prob: float = 0.3  # probability of more than one subject (when max_subjects > 1)
     supersample: int = 2  # render at this factor and area-downsample (anti-aliased edges)
     crf: int = 20  # x264 quality of the written mp4
+    references: bool = True  # store a product photo + mask per subject (ref<i>.png, ref<i>.mask.png)
 
     def __post_init__(self) -> None:
         if self.num_frames < 1:
@@ -472,17 +475,43 @@ def clip_seed(seed: int, split: str, index: int) -> int:
     return int(np.random.SeedSequence([seed, tag, index]).generate_state(1)[0])
 
 
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def reference_members(spec: ClipSpec) -> dict[str, bytes]:
+    """One product photo per subject (another scale and angle, gray background) and its mask, as PNGs.
+
+    These make the embedded set a triplet set too: `source: triplets` (the r2v_triplets ablation)
+    reads them as the references, and an evaluation can use them as unseen-pose references.
+    """
+    cfg = spec.cfg
+    rng = np.random.default_rng([spec.seed, 1])
+    members = {}
+    for j, subject in enumerate(spec.subjects):
+        image, mask = render_subject(subject, cfg.height, cfg.width, scale=float(rng.uniform(0.9, 1.3)),
+                                     angle=float(rng.uniform(-30.0, 30.0)), supersample=cfg.supersample)
+        members[f"ref{j}.png"] = _png(image)
+        members[f"ref{j}.mask.png"] = _png(mask.astype(np.uint8) * 255)
+    return members
+
+
 def make_sample(args: tuple[int, str, int, SyntheticConfig]) -> dict:
-    """One shard sample (key, mp4, txt, json) for clip `index` of `split` (picklable for a Pool)."""
+    """One shard sample (key, mp4, txt, json, references) for clip `index` of `split` (picklable for a Pool)."""
     seed, split, index, cfg = args
     spec = sample_clip_spec(clip_seed(seed, split, index), cfg)
     mp4 = encode_mp4(render_clip(spec), cfg.fps, crf=cfg.crf)
-    return {
+    sample = {
         "__key__": f"{split}_{index:07d}",
         "mp4": mp4,
         "txt": spec.caption.encode(),
         "json": json.dumps(clip_record(spec)).encode(),
     }
+    if cfg.references:
+        sample.update(reference_members(spec))
+    return sample
 
 
 def iter_samples(seed: int, split: str, count: int, cfg: SyntheticConfig, workers: int) -> Iterator[dict]:

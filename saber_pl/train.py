@@ -108,7 +108,8 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path) -> Any:
     on_gpu = torch.cuda.is_available() and t.accelerator != "cpu"
     precision = t.precision if t.precision != "auto" else ("bf16-mixed" if on_gpu else "32-true")
     if t.strategy == "fsdp2":
-        strategy: Any = AtomicModelParallelStrategy(data_parallel_size="auto", tensor_parallel_size=1,
+        # Pure data parallelism over every process (FSDP2 sharding), no tensor parallelism.
+        strategy: Any = AtomicModelParallelStrategy(data_parallel_size=world_size(t, on_gpu), tensor_parallel_size=1,
                                                     save_distributed_checkpoint=True)
         if precision == "bf16-mixed":
             precision = "bf16-true"  # FSDP2's MixedPrecisionPolicy does the bf16 compute / fp32 reduce
@@ -133,6 +134,14 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path) -> Any:
         check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches if validate else 0,
         num_sanity_val_steps=0, callbacks=callbacks, logger=logger, deterministic=t.deterministic,
         gradient_clip_val=None, enable_model_summary=True, use_distributed_sampler=False)
+
+
+def world_size(t: Any, on_gpu: bool) -> int:
+    """Processes in the run: devices per node (``auto`` = visible GPUs, or 1 CPU process) x nodes."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    devices = t.devices if isinstance(t.devices, int) else (max(torch.cuda.device_count(), 1) if on_gpu else 1)
+    return devices * t.num_nodes
 
 
 def build_datamodule(cfg: ExperimentConfig, tokenize: Any, seed_offset: int) -> Any:

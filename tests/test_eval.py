@@ -15,7 +15,9 @@ from saber_pl.eval.metrics import (
     consistency_matrix,
     copy_paste_score,
     direction_from_track,
+    evaluate_video,
     identity_retrieval_accuracy,
+    load_feature_model,
     prompt_direction,
     read_video,
     reference_consistency,
@@ -306,13 +308,13 @@ def test_identity_retrieval_picks_own_reference(feature):
     """Each video holds its subject shifted and scaled x1.5; the other three references are distractors."""
     refs, masks = map(torch.stack, zip(*[_reference(s) for s in SUBJECTS]))  # [4, 3, H, W], [4, 1, H, W]
     videos = [_video(s, top=20, left=30 + 5 * i, scale=1.5) for i, s in enumerate(SUBJECTS)]
-    cfg = MetricsConfig(feature=feature)
+    cfg = MetricsConfig(feature=feature, window_scales=(1.0, 1.5, 2.0))
     scores = consistency_matrix(videos, refs, masks, cfg)  # [V, N]
     assert (scores.argmax(1) == torch.arange(4)).all()
-    assert identity_retrieval_accuracy(videos[:2], refs, masks, [0, 1], cfg) == 1.0
-    assert identity_retrieval_accuracy(videos[:2], refs, masks, [1, 0], cfg) == 0.0
-    as_uint8 = [((v + 1) * 127.5).round().to(torch.uint8) for v in videos[2:]]  # uint8 videos work the same
-    assert identity_retrieval_accuracy(as_uint8, refs, masks, [2, 3], cfg) == 1.0
+    assert identity_retrieval_accuracy(videos[:1], refs, masks, [0], cfg) == 1.0
+    assert identity_retrieval_accuracy(videos[:1], refs, masks, [1], cfg) == 0.0
+    as_uint8 = [((v + 1) * 127.5).round().to(torch.uint8) for v in videos[3:]]  # uint8 videos work the same
+    assert identity_retrieval_accuracy(as_uint8, refs, masks, [3], cfg) == 1.0
 
 
 def test_histogram_consistency_matches_plain_search():
@@ -353,6 +355,31 @@ def test_consistency_with_feature_function():
     cfg = MetricsConfig(model_crop=16, model_frames=2, window_scales=(1.0, 1.5), window_stride=0.5)
     assert identity_retrieval_accuracy(videos, refs, masks, [0, 1, 2, 3], cfg, feature_fn=features) == 1.0
     assert seen[0] == (1, 3, 16, 16) and all(s[1:] == (3, 16, 16) for s in seen)
+
+
+def test_load_feature_model_from_local_folder(tmp_path):
+    """Tiny random CLIP and DINOv2 saved locally load through `load_feature_model` (no download)."""
+    from transformers import BitImageProcessor, CLIPConfig, CLIPImageProcessor, CLIPModel, Dinov2Config, Dinov2Model
+
+    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                 patch_size=8)
+    sizes = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    clip_cfg = CLIPConfig(text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, vocab_size=99, bos_token_id=0, eos_token_id=1),
+                          vision_config=small, projection_dim=8)
+    CLIPModel(clip_cfg).save_pretrained(tmp_path / "clip")
+    CLIPImageProcessor(**sizes).save_pretrained(tmp_path / "clip")
+    Dinov2Model(Dinov2Config(**small)).save_pretrained(tmp_path / "dino")
+    BitImageProcessor(**sizes).save_pretrained(tmp_path / "dino")
+    ref, mask = _reference(SUBJECTS[0])
+    video = _video(SUBJECTS[0], 20, 30)[:2]
+    cfg = MetricsConfig(model_crop=16, model_frames=1, window_scales=(1.0,), window_stride=1.0)
+    for name, dim in (("clip", 8), ("dino", 16)):
+        features = load_feature_model(str(tmp_path / name))
+        assert features(torch.rand(2, 3, 16, 16)).shape == (2, dim)
+        assert -1.0 <= reference_consistency(video, ref, mask, cfg, feature_fn=features) <= 1.0 + 1e-6
+    with pytest.raises(FileNotFoundError, match="feature model folder not found"):
+        load_feature_model(str(tmp_path / "missing"))
 
 
 def test_copy_paste_score():
@@ -414,6 +441,17 @@ def test_prompt_direction_and_text_following():
     assert (result.predicted, result.expected, result.match) == ("right", "right", True)
     assert text_following(video, "The toy slides to the left.", ref, mask).match is False
     assert text_following(video, "A toy.", ref, mask).match is None
+
+
+def test_evaluate_video_collects_metrics():
+    ref, mask = _reference(SUBJECTS[0], top=10, left=10)
+    video = _video(SUBJECTS[0], 10, 10, dx=3)
+    out = evaluate_video(video, ref, mask, "It slides to the right.", MetricsConfig(smoothness="difference"))
+    assert out["smoothness"] == temporal_smoothness(video, "difference")
+    assert out["consistency"] == reference_consistency(video, ref, mask)
+    assert out["copy_paste"] == copy_paste_score(video, ref, mask)
+    assert (out["direction"], out["direction_match"]) == ("right", True)
+    assert set(evaluate_video(video)) == {"smoothness"}
 
 
 def test_metric_input_errors():

@@ -199,6 +199,8 @@ def test_errors_before_segmentation_model_runs(tmp_path):
     with pytest.raises(ValueError, match="unknown reference kind"):
         prepare_references([str(good), Reference(str(good), kind="bg")], cfg, seg)
     assert calls == []
+    with pytest.raises(FileNotFoundError, match="BiRefNet folder not found: .*no_weights"):
+        prepare_references([str(good)], ReferenceConfig(birefnet_dir=str(tmp_path / "no_weights")))
 
 
 def test_config_validation_names_field():

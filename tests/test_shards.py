@@ -194,7 +194,12 @@ def test_build_embedded_writes_train_and_val_shards(tmp_path: Path) -> None:
     val = read_all(str(tmp_path / "emb" / "val-000000.tar"))
     assert len(train) == 6 and len(val) == 2
     assert len({s["mp4"] for s in train + val}) == 8  # val clips are not train clips
-    assert json.loads(train[0]["json"])["source"].startswith("synthetic:")
+    meta = json.loads(train[0]["json"])
+    assert meta["source"].startswith("synthetic:")
+    for s in train:  # one product-photo reference + mask per subject: the set doubles as a triplet set
+        n = len(json.loads(s["json"])["subjects"])
+        assert {f"ref{j}.png" for j in range(n)} | {f"ref{j}.mask.png" for j in range(n)} <= set(s)
+        assert f"ref{n}.png" not in s
 
 
 def test_checked_in_test_shard_is_small_and_complete() -> None:

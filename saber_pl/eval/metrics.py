@@ -10,8 +10,8 @@
 Videos are [F, 3, H, W], uint8 or float in [-1, 1]; references and masks are what
 `saber_pl.references.prepare_references` returns for one image: [3, H, W] in [-1, 1] (gray = 0
 outside the mask) and {0, 1} [1, H, W], at the video's size. The sliding-window search, the
-masked cross-correlation, the histogram back-projection tracker and the prompt parser are written
-by hand: torchmetrics and kornia have no masked or window-searched version of them.
+masked window cosine, the histogram back-projection tracker and the prompt parser are written by
+hand: torchmetrics and kornia have no masked or window-searched version of them.
 """
 
 from __future__ import annotations
@@ -58,8 +58,10 @@ class MetricsConfig:
             raise ValueError(f"window_scales must be positive, got {self.window_scales}")
         if not 0 < self.window_stride <= 1:
             raise ValueError(f"window_stride must be in (0, 1], got {self.window_stride}")
-        if self.model_crop < 16 or self.model_frames < 1:
-            raise ValueError(f"model_crop must be >= 16 and model_frames >= 1, got {self.model_crop}, {self.model_frames}")
+        if self.model_crop < 16:
+            raise ValueError(f"model_crop must be >= 16, got {self.model_crop}")
+        if self.model_frames < 1:
+            raise ValueError(f"model_frames must be >= 1, got {self.model_frames}")
         if self.smoothness not in ("interpolation", "difference"):
             raise ValueError(f"smoothness must be 'interpolation' or 'difference', got {self.smoothness!r}")
         if not 0 < self.track_threshold < 1:
@@ -96,7 +98,10 @@ def to_unit(video: torch.Tensor) -> torch.Tensor:
     return ((video.float() + 1) / 2).clamp(0, 1)
 
 
-def _check_pair(video: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _check_pair(video: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> Triple:
     """Validate shapes and return (video [F, 3, H, W], ref [3, H, W], mask [1, H, W]) in [0, 1] / {0, 1}."""
     if video.ndim != 4:
         raise ValueError(f"video must be [F, 3, H, W], got {tuple(video.shape)}")
@@ -444,3 +449,18 @@ def text_following(video: torch.Tensor, prompt: str, ref: torch.Tensor | None = 
     predicted = direction_from_track(track_centroids(video, ref, mask, cfg), cfg.min_displacement)
     expected = prompt_direction(prompt)
     return DirectionResult(predicted, expected, None if expected is None else predicted == expected)
+
+
+def evaluate_video(video: torch.Tensor, ref: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                   prompt: str | None = None, cfg: MetricsConfig | None = None,
+                   feature_fn: FeatureFn | None = None) -> dict[str, float | str | bool | None]:
+    """Every built-in metric that applies to one video (reference metrics need ref + mask, direction a prompt)."""
+    cfg = cfg or MetricsConfig()
+    out: dict[str, float | str | bool | None] = {"smoothness": temporal_smoothness(video, cfg.smoothness)}
+    if ref is not None and mask is not None:
+        out["consistency"] = reference_consistency(video, ref, mask, cfg, feature_fn)
+        out["copy_paste"] = copy_paste_score(video, ref, mask)
+    if prompt is not None:
+        result = text_following(video, prompt, ref, mask, cfg)
+        out.update(direction=result.predicted, expected_direction=result.expected, direction_match=result.match)
+    return out

@@ -75,7 +75,7 @@ class OpenS2VCase:
 
     @property
     def ref_kinds(self) -> list[str]:
-        """"scene" for background images (OpenS2V's scene/environment folders), else "subject"."""
+        """Per image: 'scene' for background images (OpenS2V's scene/environment folders), else 'subject'."""
         return [reference_kind(p) for p in self.img_paths]
 
 
