@@ -39,7 +39,7 @@ def source_video(seconds: float = 6.0, fps: int = 24, height: int = 480, width: 
         base = np.stack([(x + 4 * i) % width / width, y / height, (x + y + 6 * i) % 256 / 256], -1) * 200 + 20
         box = (np.abs(x - (100 + 5 * i) % width) < 60) & (np.abs(y - 240 - 80 * np.sin(i / 10)) < 60)
         base[box] = (230, 60, 40)
-        frames[i] = np.clip(base + rng.normal(0, 4, (height, width, 1)), 0, 255).astype(np.uint8)
+        frames[i] = np.clip(base + rng.normal(0, 3, (height, width, 1)), 0, 255).astype(np.uint8)
     return encode_mp4(frames, fps, crf=23, preset="veryfast")
 
 

@@ -73,7 +73,8 @@ class DataConfig:
         if self.fps <= 0:
             raise ValueError(f"data.fps must be > 0, got {self.fps}")
         if self.refs_max < 0 or not 0 <= self.refs_min <= self.refs_max:
-            raise ValueError(f"data.refs_min/refs_max need 0 <= refs_min <= refs_max, got {self.refs_min}, {self.refs_max}")
+            raise ValueError(f"data.refs_min/refs_max need 0 <= refs_min <= refs_max, "
+                             f"got {self.refs_min}, {self.refs_max}")
         if self.epoch_batches is not None and self.epoch_batches < 1:
             raise ValueError(f"data.epoch_batches must be >= 1 or null, got {self.epoch_batches}")
         if self.val_batch_size is not None and self.val_batch_size < 1:

@@ -4,7 +4,9 @@ The DiT predicts the flow velocity eps - z0 (Wan's ``flow_prediction``), so diff
 ``UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=s)``
 (Wan2.1's default sampler) and ``FlowMatchEulerDiscreteScheduler(shift=s)`` step it directly.
 Guidance runs the conditional and unconditional branches as one packed batch of 2B samples; the
-unconditional branch keeps the references unless ``drop_refs_uncond`` is set.
+unconditional branch keeps the references unless ``drop_refs_uncond`` is set. The starting noise can
+be passed in (``noise``), so a caller can seed each sample on its own: a prompt then gives the same
+video alone or inside a batch (``saber_pl.generate`` does this).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from torch import Tensor
 from tqdm.auto import tqdm
+
+SCHEDULERS = ("unipc", "euler")
 
 
 @dataclass
@@ -35,6 +39,8 @@ class SamplerConfig:
             raise ValueError(f"guidance must be >= 0, got {self.guidance}")
         if self.shift <= 0:
             raise ValueError(f"shift must be > 0, got {self.shift}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
 
 
 def make_scheduler(name: str, shift: float) -> FlowMatchEulerDiscreteScheduler | UniPCMultistepScheduler:
@@ -50,14 +56,21 @@ def make_scheduler(name: str, shift: float) -> FlowMatchEulerDiscreteScheduler |
 @torch.no_grad()
 def sample_latents(dit: torch.nn.Module, shape: tuple[int, ...], text_emb: Tensor, neg_emb: Tensor | None,
                    ref_latents: Tensor | None, ref_coverage: Tensor | None, ref_counts: Tensor | None,
-                   cfg: SamplerConfig, generator: torch.Generator | None = None, progress: bool = True) -> Tensor:
+                   cfg: SamplerConfig, generator: torch.Generator | None = None, progress: bool = True,
+                   noise: Tensor | None = None) -> Tensor:
     """Denoise from Gaussian noise to clean latents  # shape = [B, C, f, h, w] -> [B, C, f, h, w].
 
     text_emb / neg_emb [B, L, D]; ref_latents [B, K, C, h, w]; ref_coverage [B, K, 1, h, w]; ref_counts [B].
+    `noise` [B, C, f, h, w] is the starting point; None = drawn here from `generator`.
     """
     device = text_emb.device
     dtype = text_emb.dtype
-    latents = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    if noise is None:
+        latents = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    elif tuple(noise.shape) != tuple(shape):
+        raise ValueError(f"noise must have shape {tuple(shape)}, got {tuple(noise.shape)}")
+    else:
+        latents = noise.to(device=device, dtype=torch.float32)
     scheduler = make_scheduler(cfg.scheduler, cfg.shift)
     scheduler.set_timesteps(cfg.steps, device=device)
     guided = neg_emb is not None and cfg.guidance != 1.0

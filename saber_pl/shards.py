@@ -22,6 +22,7 @@ import io
 import json
 import re
 import sys
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -201,7 +202,8 @@ def pack(
                                 disable=not progress))
     else:
         results = [probe_item(j) for j in tqdm(jobs, desc="probe", disable=not progress)]
-    skipped = [{"path": str(items[r.index].path), "reason": r.reason, "error": r.error} for r in results if r.info is None]
+    skipped = [{"path": str(items[r.index].path), "reason": r.reason, "error": r.error}
+               for r in results if r.info is None]
     good = [r for r in results if r.info is not None]
     used: set[str] = set()
 
@@ -216,7 +218,7 @@ def pack(
         "total": len(items),
         "written": len(good),
         "skipped": len(skipped),
-        "skipped_by_reason": {k: sum(s["reason"] == k for s in skipped) for k in sorted({s["reason"] for s in skipped})},
+        "skipped_by_reason": dict(sorted(Counter(s["reason"] for s in skipped).items())),
         "shards": [Path(s).name for s in shards],
         "skipped_items": skipped,
     }
@@ -225,7 +227,7 @@ def pack(
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("videos", nargs="?", help="folder of videos (sidecar <name>.txt captions unless --captions)")
     p.add_argument("--captions", help="CSV (path,caption) or JSONL (path,caption[,refs,masks]) list")
     p.add_argument("--out", required=True, help="output folder for the shards and report.json")

@@ -136,7 +136,10 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> tuple[int, int, int]:
     return round(r * 255), round(g * 255), round(b * 255)
 
 
-def _subject_color(rng: np.random.Generator, avoid_hue: float) -> tuple[tuple[int, int, int], tuple[int, int, int], float]:
+RGB = tuple[int, int, int]
+
+
+def _subject_color(rng: np.random.Generator, avoid_hue: float) -> tuple[RGB, RGB, float]:
     """A saturated colour whose hue is at least 0.15 away from the background's, and a contrasting one."""
     hue = (avoid_hue + rng.uniform(0.15, 0.85)) % 1.0
     c1 = _hsv_to_rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.65, 1.0))

@@ -83,9 +83,9 @@ def _is_local(spec: str) -> bool:
 
 
 def _local_shards_exist(spec: str) -> bool:
-    import braceexpand
+    from saber_pl.datamodule import expand_shards
 
-    return all(Path(p).exists() for part in spec.split("::") for p in braceexpand.braceexpand(part))
+    return all(Path(p).exists() for p in expand_shards(spec))
 
 
 def resume_step(path: Path) -> int:

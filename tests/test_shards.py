@@ -194,6 +194,11 @@ def test_build_embedded_writes_train_and_val_shards(tmp_path: Path) -> None:
     val = read_all(str(tmp_path / "emb" / "val-000000.tar"))
     assert len(train) == 6 and len(val) == 2
     assert len({s["mp4"] for s in train + val}) == 8  # val clips are not train clips
+    again = build_embedded(tmp_path / "again", num_train=6, num_val=2, cfg=SMALL, seed=1, workers=1, maxcount=4,
+                           progress=False)
+    assert again["splits"] == summary["splits"]
+    for name in ("train-000000.tar", "train-000001.tar", "val-000000.tar"):  # same bytes, any worker count
+        assert (tmp_path / "emb" / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
     meta = json.loads(train[0]["json"])
     assert meta["source"].startswith("synthetic:")
     for s in train:  # one product-photo reference + mask per subject: the set doubles as a triplet set

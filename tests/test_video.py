@@ -112,6 +112,15 @@ def test_encode_accepts_both_layouts_and_rejects_odd_sizes() -> None:
     a = encode_mp4(x, 8, crf=0)
     b = encode_mp4(torch.from_numpy(x).permute(0, 3, 1, 2), 8, crf=0)
     assert a == b and probe(a).frames == 4
+
+
+def test_encoding_is_reproducible() -> None:
+    from saber_pl.synthetic import SyntheticConfig, clip_seed, render_clip, sample_clip_spec
+
+    # a clip whose bytes varied from run to run with x264's default rate control (mbtree)
+    x = render_clip(sample_clip_spec(clip_seed(0, "tiny", 0), SyntheticConfig(num_frames=17, height=64, width=64)))
+    first = encode_mp4(x, 16, crf=20)
+    assert all(encode_mp4(x.copy(), 16, crf=20) == first for _ in range(12))
     with pytest.raises(ValueError, match="even"):
         encode_mp4(np.zeros((2, 31, 32, 3), np.uint8), 8)
     with pytest.raises(ValueError, match="uint8"):
