@@ -124,7 +124,8 @@ def vae_factors(model: ModelConfig) -> tuple[int, int]:
         path = Path(root) / "vae" / "config.json" if root else None
         if path is not None and path.is_file():
             vae |= {k: v for k, v in json.loads(path.read_text()).items() if k in WAN21_VAE}
-    return 2 ** (len(vae["dim_mult"]) - 1) * (vae["patch_size"] or 1), 2 ** sum(bool(x) for x in vae["temperal_downsample"])
+    spatial = 2 ** (len(vae["dim_mult"]) - 1) * (vae["patch_size"] or 1)
+    return spatial, 2 ** sum(bool(x) for x in vae["temperal_downsample"])
 
 
 def model_limits(model: ModelConfig) -> Limits:
@@ -239,13 +240,24 @@ def load_run_dit(source: CheckpointSource, raw: bool, dtype: torch.dtype) -> tup
     """The run's DiT with its EMA (or, with `raw`, trained) weights, materialised from the meta device."""
     from saber_pl.export import checkpoint_state, dit_weights
 
-    dit = wan.meta_transformer(source.model).to(dtype).to_empty(device="cpu")
+    dit = cast_like_pretrained(wan.meta_transformer(source.model), dtype).to_empty(device="cpu")
     template = {f"dit.{k}": v for k, v in dit.state_dict().items()}
     if source.ema:
         template |= {f"dit_ema.{k}": v for k, v in dit.state_dict().items()}
     weights, prefix = dit_weights(checkpoint_state(source.ckpt, template), prefer_ema=not raw)
     dit.load_state_dict(weights, strict=True)
     return wan.rebuild_rope(dit), prefix
+
+
+def cast_like_pretrained(dit: SaberTransformer, dtype: torch.dtype) -> SaberTransformer:
+    """Parameters to `dtype`, except those diffusers' `from_pretrained(torch_dtype=...)` keeps in float32
+    (`_keep_in_fp32_modules`: time embedder, modulation tables, norms; same name rule), so a run and its
+    export compute alike. Done before loading, so the float32 ones are never rounded."""
+    keep = getattr(dit.wan, "_keep_in_fp32_modules", None) or []
+    for name, param in dit.wan.named_parameters():
+        fp32 = dtype != torch.float32 and any(k in name.split(".") for k in keep)
+        param.data = param.data.to(torch.float32 if fp32 else dtype)
+    return dit
 
 
 def load_export_dit(source: CheckpointSource, dtype: torch.dtype) -> SaberTransformer:
@@ -272,8 +284,8 @@ class Generator:
         self.vae, self.text_encoder = vae, text_encoder
         self.limits = limits
         self.defaults = defaults or VideoSpec()
-        self.device = next(dit.parameters()).device
-        self.dtype = next(dit.parameters()).dtype
+        self.device = dit.wan.patch_embedding.weight.device
+        self.dtype = dit.wan.patch_embedding.weight.dtype  # compute dtype (some norms stay float32)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, wan_dir: str | None = None, device: str | torch.device = "cpu",

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,3 +34,12 @@ def test_two_process_cpu_run(strategy: str, tmp_path: Path) -> None:
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     assert "(step 2)" in out.stderr
+    if strategy == "fsdp2":
+        # The sharded checkpoint exports in one process to a folder diffusers loads.
+        from diffusers import WanTransformer3DModel
+
+        from saber_pl.export import export
+
+        out = export(tmp_path / "saber_full-tiny", tmp_path / "export")
+        model = WanTransformer3DModel.from_pretrained(out)
+        assert all(torch.isfinite(p).all() for p in model.parameters())

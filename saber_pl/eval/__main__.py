@@ -60,18 +60,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def case_references(case: OpenS2VCase) -> list[Reference]:
-    return [Reference(p, kind=reference_kind(p)) for p in case.img_paths]
+def opens2v_references(paths: list[str]) -> list[Reference]:
+    """OpenS2V's scene/ and environment/ images are used whole; the others are subjects."""
+    return [Reference(p, kind=reference_kind(p)) for p in paths]
 
 
 def preflight(cases: list[OpenS2VCase], limits: Limits, video: VideoSpec, birefnet_dir: str | None) -> None:
     """Raise ValueError listing the cases that cannot run: too many references, or a subject with no
     segmentation (no BiRefNet folder and no alpha channel). Reads the images, loads no model."""
     limits.check(video, 0)
+    if birefnet_dir and not Path(birefnet_dir).is_dir():
+        raise FileNotFoundError(f"BiRefNet folder not found: {birefnet_dir}")
     chooser = AutoSegmenter(birefnet=None)
     problems = []
     for case in cases:
-        refs = case_references(case)
+        refs = opens2v_references(case.img_paths)
         if len(refs) > limits.max_refs:
             problems.append(f"{case.case_id}: {len(refs)} references, model.max_refs={limits.max_refs}")
         if birefnet_dir:
@@ -100,9 +103,8 @@ class OpenS2VGenerate:
         if self.generator is None:
             self.generator = Generator.from_source(self.source, self.device, self.raw,
                                                    torch_dtype(self.dtype_name, self.device))
-        refs = [Reference(p, kind=reference_kind(p)) for p in ref_paths]
-        self.generator.generate_to_file([prompt], refs, out_path, self.video, self.sampler, seed,
-                                        self.negative_prompt, self.refs_cfg, save_extras=False, progress=False)
+        self.generator.generate_to_file([prompt], opens2v_references(ref_paths), out_path, self.video, self.sampler,
+                                        seed, self.negative_prompt, self.refs_cfg, save_extras=False, progress=False)
 
 
 def run_generate(args: argparse.Namespace) -> int:
