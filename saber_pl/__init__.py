@@ -5,3 +5,12 @@ random masks, warped with a random affine and fed back as references (see docs/ 
 """
 
 __version__ = "0.1.0"
+
+import logging as _logging
+
+import torch as _torch
+
+if not _torch.cuda.is_available():
+    # diffusers imports xformers eagerly when it is installed; on a CPU-only machine its
+    # "can't load C++/CUDA extensions" warning is noise (the CPU path never uses xformers).
+    _logging.getLogger("xformers").setLevel(_logging.ERROR)

@@ -177,10 +177,13 @@ def resolve_checkpoint(path: str | Path, wan_dir: str | None = None) -> Checkpoi
     if path.is_dir() and (path / "saber.json").is_file():
         meta = json.loads((path / "saber.json").read_text())
         model = from_dict(ModelConfig, meta["model"], "model")
-        try:  # the export records the experiment and scale, not the data section: use their defaults
-            data = load_config(meta.get("experiment", "saber_full"), model.scale).data
-        except (ConfigError, FileNotFoundError):
-            data = None
+        if "data" in meta:  # the run's data section (size, frames, fps) recorded by export
+            data = from_dict(DataConfig, meta["data"], "data")
+        else:  # an older export: the defaults of its experiment and scale
+            try:
+                data = load_config(meta.get("experiment", "saber_full"), model.scale).data
+            except (ConfigError, FileNotFoundError):
+                data = None
         source = CheckpointSource("export", path, None, model, data, meta.get("source") == "dit_ema", meta["saber"])
     else:
         if path.is_dir() and (path / "config.yaml").is_file():
@@ -220,15 +223,8 @@ def load_frozen(model: ModelConfig, device: str | torch.device, dtype: torch.dty
     would cost minutes and tens of GB.
     """
     if model.spec.pretrained:
-        from diffusers import AutoencoderKLWan
-        from transformers import AutoTokenizer, UMT5EncoderModel
-
         root = wan.resolve_wan_dir(model, ("vae", "text_encoder", "tokenizer"))
-        vae_model = AutoencoderKLWan.from_pretrained(root / "vae", torch_dtype=torch.float32, local_files_only=True)
-        vae = VideoVAE(vae_model, vae_model.config.latents_mean, vae_model.config.latents_std)
-        encoder = UMT5EncoderModel.from_pretrained(root / "text_encoder", dtype=dtype, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
-        text = TextEncoder(encoder, tokenizer, model.resolved_text_len)
+        vae, text = wan.load_pretrained_frozen(root, model.resolved_text_len, dtype)
     else:  # random parts: the same seeds and call order as training (the small DiT it also builds is dropped)
         comps = wan.build_components(model)
         vae, text = comps.vae, comps.text_encoder

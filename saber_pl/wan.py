@@ -349,6 +349,15 @@ def _load_wan(cfg: ModelConfig, root: Path, dtype: torch.dtype) -> WanTransforme
     return wan
 
 
+def load_pretrained_frozen(root: Path, text_len: int, dtype: torch.dtype) -> tuple[VideoVAE, TextEncoder]:
+    """The frozen Wan VAE (float32) and umT5 encoder + tokenizer of a local Wan2.1 diffusers folder."""
+    vae_model = AutoencoderKLWan.from_pretrained(root / "vae", torch_dtype=torch.float32, local_files_only=True)
+    vae = VideoVAE(vae_model, vae_model.config.latents_mean, vae_model.config.latents_std)
+    encoder = UMT5EncoderModel.from_pretrained(root / "text_encoder", dtype=dtype, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+    return vae, TextEncoder(encoder, tokenizer, text_len)
+
+
 def build_components(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Components:
     """Build (tiny/mini) or load (1.3B/14B from wan_dir) the DiT, VAE, text encoder and tokenizer."""
     spec = cfg.spec
@@ -362,10 +371,8 @@ def build_components(cfg: ModelConfig, device: str | torch.device = "cpu", dtype
                 wan = _cast(random_wan(spec.dit, cfg.init), dtype)
         else:
             wan = _load_wan(cfg, root, dtype)
-        vae_model = AutoencoderKLWan.from_pretrained(root / "vae", torch_dtype=torch.float32, local_files_only=True)
-        vae = VideoVAE(vae_model, vae_model.config.latents_mean, vae_model.config.latents_std)
-        encoder = UMT5EncoderModel.from_pretrained(root / "text_encoder", dtype=dtype, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+        vae, text_encoder = load_pretrained_frozen(root, text_len, dtype)
+        encoder, tokenizer = text_encoder.encoder, text_encoder.tokenizer
     else:
         with torch.random.fork_rng(devices=[]):  # same random weights on every rank
             torch.manual_seed(cfg.seed)
