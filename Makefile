@@ -70,8 +70,10 @@ bench: $(STAMP)
 	$(PY) benchmarks/attention.py
 	$(PY) benchmarks/data.py
 
-bench-mini: $(STAMP)
-	@echo "bench-mini: not yet implemented (issue 7, Saber-mini benchmark)" >&2; exit 2
+# Saber-mini: trains saber_full, t2v_baseline and the ablations at scale mini, evaluates, writes
+# runs/bench-mini/results.md (resumable: finished runs are not trained again).
+bench-mini: $(STAMP) $(EMBEDDED)
+	$(PY) -m saber_pl.eval.mini $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs data/embedded

@@ -122,7 +122,7 @@ SCALES: dict[str, Callable[[], ScaleSpec]] = {
         _small_dit(2, 16, 2, 32, 16), 16, False, _umt5(32, 1),
         dict(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]),
     ),
-    "mini": lambda: ScaleSpec(_small_dit(4, 32, 4, 64, 48), 64, False, _umt5(64, 2), {"pixel": 2}),
+    "mini": lambda: ScaleSpec(_small_dit(4, 64, 4, 64, 48), 64, False, _umt5(64, 2), {"pixel": 2}),
     "1.3B": lambda: ScaleSpec(_wan21(12, 8960, 30), 512, True),
     "14B": lambda: ScaleSpec(_wan21(40, 13824, 40), 512, True),
 }

@@ -144,7 +144,7 @@ def generate_videos(run_dir: Path, cases: list[Case], cfg: BenchConfig, use_refs
     gen = Generator.from_checkpoint(run_dir)
     video = gen.defaults
     sampler = SamplerConfig(steps=cfg.steps, guidance=cfg.guidance, shift=gen_shift(run_dir))
-    ref_cfg = ReferenceConfig(height=video.height, width=video.width)
+    ref_cfg = ReferenceConfig(height=video.height, width=video.width, max_references=len(cases))  # one per case
     refs, masks = prepare_references([c.ref_path for c in cases], ref_cfg)  # [N, 3, H, W], [N, 1, H, W]
     videos = []
     for i, case in enumerate(cases):
