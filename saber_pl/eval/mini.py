@@ -57,6 +57,7 @@ class BenchConfig:
     seed: int = 20261124  # seed of the test subjects (far from the training clip seeds)
     steps: int = 25  # sampler steps
     guidance: float = 5.0  # CFG scale
+    scheduler: str = "unipc"  # sampler: unipc | euler
     photo_size: int = 128  # side of the product-photo references
     train_overrides: list[str] = field(default_factory=list)  # extra key=value for every training run
     grid_cases: int = 4  # cases shown in each experiment's PNG grid
@@ -143,7 +144,7 @@ def generate_videos(run_dir: Path, cases: list[Case], cfg: BenchConfig, use_refs
 
     gen = Generator.from_checkpoint(run_dir)
     video = gen.defaults
-    sampler = SamplerConfig(steps=cfg.steps, guidance=cfg.guidance, shift=gen_shift(run_dir))
+    sampler = SamplerConfig(steps=cfg.steps, guidance=cfg.guidance, shift=gen_shift(run_dir), scheduler=cfg.scheduler)
     ref_cfg = ReferenceConfig(height=video.height, width=video.width, max_references=len(cases))  # one per case
     refs, masks = prepare_references([c.ref_path for c in cases], ref_cfg)  # [N, 3, H, W], [N, 1, H, W]
     videos = []
@@ -257,11 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--candidates", type=int, default=BenchConfig.candidates)
     p.add_argument("--steps", type=int, default=BenchConfig.steps)
     p.add_argument("--guidance", type=float, default=BenchConfig.guidance)
+    p.add_argument("--scheduler", default=BenchConfig.scheduler, choices=["unipc", "euler"])
     p.add_argument("overrides", nargs="*", help="key=value overrides for every training run")
     a = p.parse_args(argv)
     try:
         cfg = BenchConfig(out=a.out, scale=a.scale, experiments=[e for e in a.experiments.split(",") if e],
-                          cases=a.cases, candidates=a.candidates, steps=a.steps, guidance=a.guidance,
+                          cases=a.cases, candidates=a.candidates, steps=a.steps, guidance=a.guidance, scheduler=a.scheduler,
                           train_overrides=a.overrides)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
