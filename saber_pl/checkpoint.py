@@ -13,6 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 LAST = "last.ckpt"
@@ -42,6 +44,21 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
                 shutil.rmtree(path, ignore_errors=True)
             elif path.exists() or path.is_symlink():
                 path.unlink()
+
+
+class SaberCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that always leaves ``last.ckpt`` at the final step.
+
+    Lightning skips the end-of-fit ``last`` save once any ``last`` was written during the run, so a
+    run stopped by ``max_time`` (or a ``max_steps`` between two periodic saves) would lose its
+    final steps; here ``last.ckpt`` is rewritten whenever the final step is newer than the last save.
+    """
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.save_last and trainer.global_step > self._last_global_step_saved:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        else:
+            super().on_train_end(trainer, pl_module)
 
 
 def swap_in(tmp: Path, final: Path) -> None:

@@ -98,11 +98,11 @@ def resume_step(path: Path) -> int:
 def build_trainer(cfg: ExperimentConfig, run_dir: Path) -> Any:
     """Lightning Trainer with the strategy, precision, logger and callbacks of the config."""
     import lightning as L
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Timer
+    from lightning.pytorch.callbacks import LearningRateMonitor, Timer
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from saber_pl.callbacks import MediaLogger
-    from saber_pl.checkpoint import AtomicModelParallelStrategy
+    from saber_pl.checkpoint import AtomicModelParallelStrategy, SaberCheckpoint
 
     t = cfg.trainer
     on_gpu = torch.cuda.is_available() and t.accelerator != "cpu"
@@ -116,7 +116,7 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path) -> Any:
     else:
         strategy = t.strategy
     validate = t.val_every_n_steps is not None and cfg.data.val_shards is not None
-    ckpt = ModelCheckpoint(
+    ckpt = SaberCheckpoint(
         dirpath=run_dir / "checkpoints", filename="step{step:07d}", auto_insert_metric_name=False,
         every_n_train_steps=t.ckpt_every_n_steps, save_last=True, save_top_k=t.keep_top_k,
         monitor="val/loss" if validate else "step", mode="min" if validate else "max",
