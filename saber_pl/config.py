@@ -43,7 +43,9 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     eps: float = 1e-8  # AdamW epsilon
-    warmup_steps: int = 0  # linear warm-up from 0 to lr, then constant
+    warmup_steps: int = 0  # linear warm-up from 0 to lr
+    schedule: Literal["constant", "cosine"] = "constant"  # after warm-up: constant, or cosine to min_lr_ratio * lr
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr, reached at trainer.max_steps
     grad_clip: float | None = 1.0  # max global grad norm (None = no clipping, the norm is still logged)
     ema: bool = False  # keep an EMA of the DiT weights (exported instead of the raw weights)
     ema_decay: float = 0.999  # EMA decay per optimizer step
@@ -56,6 +58,8 @@ class OptimConfig:
             raise ConfigError(f"optim.betas must be in [0, 1), got {self.betas}")
         if self.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"optim.grad_clip must be > 0 or null, got {self.grad_clip}")
         if not 0.0 < self.ema_decay < 1.0:

@@ -101,8 +101,7 @@ class SaberModule(L.LightningModule):
         o = self.cfg.optim
         params = [p for p in self.dit.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
-        warmup = o.warmup_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(lr_factor, o, self.cfg.trainer.max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "train/lr"}}
 
     # ------------------------------------------------------------------ encoding
@@ -278,6 +277,16 @@ class SaberModule(L.LightningModule):
         self._nonfinite_total = state.get("nonfinite_total", 0)
         if "rng" in state:
             _set_rng_state(state["rng"])
+
+
+def lr_factor(o: Any, max_steps: int, step: int) -> float:
+    """Multiplier of optim.lr at a step: linear warm-up, then constant or cosine down to min_lr_ratio."""
+    if o.warmup_steps and step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - o.warmup_steps) / max(1, max_steps - o.warmup_steps))
+    return o.min_lr_ratio + (1.0 - o.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def _local(t: Tensor) -> Tensor:
