@@ -98,3 +98,15 @@ def test_tensorboard_has_scalars_images_videos(tmp_path: Path) -> None:
     # ckpt_every_n_steps is 2 at tiny: last.ckpt still holds the final step 3.
     last = torch.load(cfg.run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == 3
+
+
+def test_lr_schedule_warmup_then_cosine() -> None:
+    from saber_pl.config import OptimConfig
+    from saber_pl.module import lr_factor
+
+    o = OptimConfig(lr=1e-3, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
+    assert lr_factor(o, 110, 0) == pytest.approx(0.1) and lr_factor(o, 110, 9) == pytest.approx(1.0)
+    assert lr_factor(o, 110, 10) == pytest.approx(1.0)
+    assert lr_factor(o, 110, 60) == pytest.approx(0.55)  # half-way: (1 + 0.1) / 2
+    assert lr_factor(o, 110, 110) == pytest.approx(0.1) and lr_factor(o, 110, 500) == pytest.approx(0.1)
+    assert lr_factor(OptimConfig(warmup_steps=0), 100, 50) == 1.0
