@@ -4,8 +4,9 @@ Scales are one-line factories in `SCALES`, picked by name (DiT-style):
 
 - `tiny`: random in-process models for tests: a 2-layer Wan DiT, a tiny random `AutoencoderKLWan`
   (the real VAE code path), a small random `UMT5EncoderModel` and a byte-level `ByT5Tokenizer()`.
-- `mini`: a DiT that trains in minutes on a CPU, with `PixelAutoencoder` (exactly invertible
-  space-to-depth + Wan-like temporal grouping: 48 latent channels, so this DiT has 48 + 4 + 48 inputs).
+- `mini`: a DiT that trains in minutes on a CPU, with `PixelAutoencoder` (a fixed linear autoencoder:
+  Wan-like 4-frame grouping, 2x2 space-to-depth, the 16 largest spectral components; 16 latent
+  channels like Wan's VAE, so this DiT has Wan's 16 + 4 + 16 inputs).
 - `1.3B` / `14B`: diffusers' Wan2.1 folders loaded from `wan_dir` (or $WAN_DIR), `local_files_only=True`.
 
     comps = build_components(ModelConfig(scale="tiny", init="t2v"))
@@ -90,7 +91,8 @@ class ScaleSpec:
     text_len: int  # default text tokens per prompt
     pretrained: bool  # load VAE / text encoder / tokenizer (and the DiT unless init=random) from wan_dir
     umt5: dict[str, Any] = field(default_factory=dict)  # random UMT5Config kwargs (not pretrained)
-    vae: dict[str, Any] = field(default_factory=dict)  # random AutoencoderKLWan kwargs; {"pixel": s} = PixelAutoencoder
+    # random AutoencoderKLWan kwargs; {"pixel": s, ...} = PixelAutoencoder (+ components, latents_mean/std)
+    vae: dict[str, Any] = field(default_factory=dict)
 
 
 def _wan21(heads: int, ffn: int, layers: int) -> dict[str, Any]:
@@ -117,12 +119,26 @@ def _umt5(d_model: int, layers: int) -> dict[str, Any]:
     )
 
 
+# The mini scale's fixed linear autoencoder (`PixelAutoencoder`): 2x2 pixels x 4 frames per latent pixel,
+# the 16 (colour, temporal freq, spatial freq) components of largest variance on the embedded data set
+# (98.2% of the variance, the same as the 16 best principal components: PSNR 33.2 dB). Normalisation:
+# each channel's mean there, and one std for all channels (their RMS std, 0.6), so the latent has unit
+# mean variance but keeps its spectrum: per-channel stds (luma DC 2.05 ... details 0.09) would blow the
+# 13 detail channels up 10x, and that DiT denoised worse (docs/bench_mini.md).
+MINI_AUTOENCODER: dict[str, Any] = {
+    "pixel": 2,
+    "components": [(0, 0, 0), (2, 0, 0), (1, 0, 0), (0, 0, 2), (0, 0, 1), (0, 1, 0), (2, 1, 0), (1, 1, 0),
+                   (0, 2, 0), (1, 2, 0), (0, 0, 3), (2, 2, 0), (2, 0, 1), (2, 0, 2), (1, 0, 2), (1, 0, 1)],
+    "latents_mean": [-0.216, 0.015, -0.023, -0.001, 0.002, -0.002, 0.0, 0.001, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+    "latents_std": [0.6] * 16,
+}
+
 SCALES: dict[str, Callable[[], ScaleSpec]] = {
     "tiny": lambda: ScaleSpec(
         _small_dit(2, 16, 2, 32, 16), 16, False, _umt5(32, 1),
         dict(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]),
     ),
-    "mini": lambda: ScaleSpec(_small_dit(4, 64, 4, 64, 48), 64, False, _umt5(64, 2), {"pixel": 2}),
+    "mini": lambda: ScaleSpec(_small_dit(4, 64, 4, 64, 16), 64, False, _umt5(64, 2), MINI_AUTOENCODER),
     "1.3B": lambda: ScaleSpec(_wan21(12, 8960, 30), 512, True),
     "14B": lambda: ScaleSpec(_wan21(40, 13824, 40), 512, True),
 }
@@ -137,30 +153,72 @@ def i2v_dit(dit: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- autoencoders
 
 
+def dct_matrix(n: int) -> Tensor:
+    """Orthonormal DCT-II matrix  # [n, n], row k = frequency k."""
+    i = torch.arange(n, dtype=torch.float64)
+    m = torch.cos(torch.pi * (i[None] + 0.5) * i[:, None] / n) * (2.0 / n) ** 0.5
+    m[0] /= 2.0**0.5
+    return m.float()
+
+
+def spectral_basis(temporal_factor: int, spatial_factor: int) -> Tensor:
+    """Orthonormal basis of one latent pixel's block (3 colours x t frames x s x s pixels)  # [3ts², 3ts²].
+
+    Row (c, k, j) = opponent colour c (0 luma, 1 red-blue, 2 green-magenta) x temporal DCT frequency k
+    x spatial DCT frequency j (j = ky * s + kx), in `PixelAutoencoder`'s channel order (c * t + k) * s² + j.
+    """
+    colour = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, -1.0], [1.0, -2.0, 1.0]])
+    colour = colour / colour.norm(dim=1, keepdim=True)
+    space = torch.kron(dct_matrix(spatial_factor), dct_matrix(spatial_factor))
+    return torch.kron(colour, torch.kron(dct_matrix(temporal_factor), space))
+
+
 class PixelAutoencoder(nn.Module):
-    """Exactly invertible pixel-space 'autoencoder' for the mini scale (no learned weights).
+    """Fixed (no learned weights) linear autoencoder for the mini scale: what a small VAE would be.
 
     Like the Wan VAE, frame 0 forms the first latent frame alone and frames 1..4k form k more, 4 at a
     time; the first frame is repeated 4 times to fill its group (Wan's causal convs pad it the same way).
-    Each group of 4 frames is stacked into channels and pixel-unshuffled by `spatial_factor`:
-    3 * 4 * s^2 latent channels (48 at s=2). No 16-channel map of 3x4xs^2 values can be invertible, so the
-    mini DiT takes C + 4 + C = 100 input channels instead (set from `latent_channels`).
+    Each group of 4 frames is stacked into channels and pixel-unshuffled by `spatial_factor`: 3 * 4 * s²
+    values per latent pixel (48 at s=2). `components=None` keeps all of them (exactly invertible).
+    Otherwise the block is rotated onto `spectral_basis` (opponent colour x temporal DCT x spatial DCT)
+    and only the listed (colour, temporal freq, spatial freq) components are kept: a lossy, compact
+    latent like a real VAE's. Why: a DiT token then carries 4 * C values instead of 192, so it does not
+    have to carry (and learn to remove) 192 dims of noise per token through a 256-wide stream; with 48
+    raw channels the mini DiT's samples stayed blocky noise (docs/bench_mini.md).
     """
 
-    def __init__(self, spatial_factor: int = 2, temporal_factor: int = 4) -> None:
+    def __init__(self, spatial_factor: int = 2, temporal_factor: int = 4,
+                 components: list[tuple[int, int, int]] | None = None) -> None:
         super().__init__()
         self.spatial_factor = spatial_factor
         self.temporal_factor = temporal_factor
-        self.latent_channels = 3 * temporal_factor * spatial_factor**2
+        full = 3 * temporal_factor * spatial_factor**2
+        basis = None
+        if components is not None:
+            t, s2 = temporal_factor, spatial_factor**2
+            for c, k, j in components:
+                if not (0 <= c < 3 and 0 <= k < t and 0 <= j < s2):
+                    raise ValueError(f"component {(c, k, j)} out of range (3, {t}, {s2})")
+            rows = [(c * t + k) * s2 + j for c, k, j in components]
+            if len(set(rows)) != len(rows):
+                raise ValueError("components must be distinct")
+            basis = spectral_basis(temporal_factor, spatial_factor)[rows]  # [C, full]
+        self.register_buffer("basis", basis, persistent=False)
+        self.latent_channels = full if basis is None else basis.shape[0]
 
     def encode(self, video: Tensor) -> Tensor:  # [B, 3, 1+tk, H, W] -> [B, C, 1+k, H/s, W/s]
         t = self.temporal_factor
         first = video[:, :, :1].expand(-1, -1, t, -1, -1)
         groups = torch.cat([first, video[:, :, 1:]], dim=2).unflatten(2, (-1, t))  # [B, 3, n, t, H, W]
         groups = groups.permute(0, 2, 1, 3, 4, 5).flatten(2, 3)  # [B, n, 3t, H, W]
-        return F.pixel_unshuffle(groups, self.spatial_factor).transpose(1, 2)  # [B, C, n, h, w]
+        z = F.pixel_unshuffle(groups, self.spatial_factor).transpose(1, 2)  # [B, 3ts², n, h, w]
+        if self.basis is not None:
+            z = torch.einsum("ck,bknhw->bcnhw", self.basis.to(z.dtype), z)  # [B, C, n, h, w]
+        return z
 
     def decode(self, latents: Tensor) -> Tensor:  # [B, C, n, h, w] -> [B, 3, 1+t(n-1), H, W]
+        if self.basis is not None:
+            latents = torch.einsum("ck,bcnhw->bknhw", self.basis.to(latents.dtype), latents)  # [B, 3ts², n, h, w]
         groups = F.pixel_shuffle(latents.transpose(1, 2), self.spatial_factor)  # [B, n, 3t, H, W]
         groups = groups.unflatten(2, (3, self.temporal_factor)).permute(0, 2, 1, 3, 4, 5)  # [B, 3, n, t, H, W]
         video = torch.cat([groups[:, :, 0, :1], groups[:, :, 1:].flatten(2, 3)], dim=2)
@@ -379,8 +437,10 @@ def build_components(cfg: ModelConfig, device: str | torch.device = "cpu", dtype
             wan = random_wan(spec.dit, cfg.init)
             encoder = UMT5EncoderModel(UMT5Config(**spec.umt5))
         if "pixel" in spec.vae:
-            pixel = PixelAutoencoder(spatial_factor=spec.vae["pixel"])
-            vae = VideoVAE(pixel, [0.0] * pixel.latent_channels, [1.0] * pixel.latent_channels)
+            pixel = PixelAutoencoder(spatial_factor=spec.vae["pixel"], components=spec.vae.get("components"))
+            channels = pixel.latent_channels
+            vae = VideoVAE(pixel, spec.vae.get("latents_mean", [0.0] * channels),
+                           spec.vae.get("latents_std", [1.0] * channels))
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed + 1)

@@ -9,7 +9,7 @@ from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 from saber_pl.dit import drop_image_branch
 from saber_pl.wan import (
     SCALES, ModelConfig, PixelAutoencoder, VideoVAE, build_components, meta_transformer, meta_wan, num_params,
-    rebuild_rope,
+    rebuild_rope, spectral_basis,
 )
 
 
@@ -87,12 +87,46 @@ def test_pixel_autoencoder_round_trip_is_exact(frames):
         vae.encode(torch.cat([video, video], dim=2))  # 2, 10, 18 frames
 
 
-def test_mini_scale_uses_pixel_space_latents():
+def test_mini_scale_uses_a_16_channel_spectral_autoencoder():
     comps = build_components(ModelConfig(scale="mini"))
     assert isinstance(comps.vae.model, PixelAutoencoder)
-    assert comps.transformer.latent_channels == comps.vae.latent_channels == 48
-    assert comps.transformer.wan.config.in_channels == 48 + 4 + 48
+    assert comps.transformer.latent_channels == comps.vae.latent_channels == 16
+    assert comps.transformer.wan.config.in_channels == 16 + 4 + 16  # Wan's T2V-widened layout
     assert comps.text_encoder.text_len == SCALES["mini"]().text_len
+
+
+def test_spectral_basis_is_orthonormal_and_ordered_like_the_pixel_channels():
+    basis = spectral_basis(4, 2)  # [48, 48]
+    torch.testing.assert_close(basis @ basis.T, torch.eye(48), atol=1e-6, rtol=0)
+    # component (luma, temporal DC, spatial DC) is the block mean (times sqrt(48)): flat grey in, only it out
+    video = torch.full((1, 3, 5, 4, 4), 0.25)
+    z = PixelAutoencoder(2, 4, [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 3)]).encode(video)  # [1, 4, 2, 2, 2]
+    torch.testing.assert_close(z[:, 0], torch.full_like(z[:, 0], 0.25 * 48**0.5))
+    torch.testing.assert_close(z[:, 1:], torch.zeros_like(z[:, 1:]), atol=1e-6, rtol=0)
+
+
+def test_spectral_autoencoder_is_the_projection_onto_its_components():
+    torch.manual_seed(0)
+    video = torch.rand(2, 3, 9, 8, 8) * 1.6 - 0.8  # inside [-1, 1]: no clamping in decode
+    full = PixelAutoencoder(2, 4, [(c, k, j) for c in range(3) for k in range(4) for j in range(4)])
+    torch.testing.assert_close(full.decode(full.encode(video)), video, atol=1e-5, rtol=0)  # all 48: invertible
+    kept = [(0, 0, 0), (2, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1)]
+    ae = PixelAutoencoder(2, 4, kept)
+    z = ae.encode(video)
+    assert z.shape == (2, 5, 3, 4, 4)
+    rec = ae.decode(z)
+    torch.testing.assert_close(ae.encode(rec), z, atol=1e-5, rtol=0)  # a projection: idempotent
+    # plain reference: the same projection as least squares on the raw 48 channels
+    raw = PixelAutoencoder(2, 4).encode(video)  # [2, 48, 3, 4, 4]
+    rows = spectral_basis(4, 2)[[(c * 4 + k) * 4 + j for c, k, j in kept]]  # [5, 48]
+    want = torch.einsum("ck,cl,blnhw->bknhw", rows, rows, raw)
+    torch.testing.assert_close(PixelAutoencoder(2, 4).encode(rec)[:, :, 1:], want[:, :, 1:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("components,match", [([(3, 0, 0)], "out of range"), ([(0, 0, 0), (0, 0, 0)], "distinct")])
+def test_spectral_autoencoder_rejects_bad_components(components, match):
+    with pytest.raises(ValueError, match=match):
+        PixelAutoencoder(2, 4, components)
 
 
 def test_text_encoder_zero_pads_like_wan_pipeline():
