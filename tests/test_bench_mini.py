@@ -3,6 +3,7 @@ the reference branch changes the generated video, every metric computes in range
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -34,9 +35,18 @@ def test_report_and_metrics(bench: BenchConfig) -> None:
         assert r["steps"] == 2 and r["train_minutes"] > 0 and r["samples_per_s"] > 0
         assert (out / f"{exp}-tiny" / "bench_grid.png").is_file()
     assert rows["saber_full"]["references_used"] and not rows["t2v_baseline"]["references_used"]
-    # A second run reuses the trained checkpoints (resumable) and gives the same numbers.
+    # A second run reuses the trained checkpoints and the scores (resumable) and gives the same numbers.
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*-tiny/*.json")}
     again = run(bench)
     assert json.loads((out / "results.json").read_text()) == rows and again == out / "results.md"
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*-tiny/*.json")} == stamps
+    # Other sampler settings re-score (same checkpoints, not retrained).
+    run(dataclasses.replace(bench, guidance=2.0, experiments=["saber_full"]))
+    bench_json = out / "saber_full-tiny" / "bench.json"
+    assert json.loads(bench_json.read_text())["settings"]["guidance"] == 2.0
+    assert bench_json.stat().st_mtime_ns > stamps[bench_json]
+    done = out / "saber_full-tiny" / "train_done.json"
+    assert done.stat().st_mtime_ns == stamps[done]
 
 
 def test_reference_branch_changes_the_video(bench: BenchConfig) -> None:
