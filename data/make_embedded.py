@@ -28,11 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fps", type=float, default=16.0)
     p.add_argument("--height", type=int, default=128)
     p.add_argument("--width", type=int, default=128)
+    p.add_argument("--subject-radius", type=float, nargs=2, default=SyntheticConfig.subject_radius,
+                   metavar=("LOW", "HIGH"), help="subject radius range, fraction of min(H, W)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="render/encode processes")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    cfg = SyntheticConfig(num_frames=a.frames, fps=a.fps, height=a.height, width=a.width)
+    cfg = SyntheticConfig(num_frames=a.frames, fps=a.fps, height=a.height, width=a.width,
+                          subject_radius=tuple(a.subject_radius))
     t0 = time.time()
     summary = build_embedded(a.out, a.train, a.val, cfg, a.seed, a.workers, max(a.maxcount, 1), not a.no_progress)
     splits = {k: len(v["shards"]) for k, v in summary["splits"].items()}

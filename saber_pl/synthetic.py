@@ -51,6 +51,7 @@ class SyntheticConfig:
     fps: float = 16.0  # frame rate written into the mp4
     height: int = 128  # frame height (even, for yuv420p)
     width: int = 128  # frame width (even, for yuv420p)
+    subject_radius: tuple[float, float] = (0.14, 0.24)  # subject radius range / min(H, W) (~8% of the frame)
     max_subjects: int = 2  # 1..max_subjects subjects per clip
     two_subject_prob: float = 0.3  # probability of more than one subject (when max_subjects > 1)
     supersample: int = 2  # render at this factor and area-downsample (anti-aliased edges)
@@ -64,6 +65,9 @@ class SyntheticConfig:
             raise ValueError(f"fps must be > 0, got {self.fps}")
         if self.height < 8 or self.width < 8 or self.height % 2 or self.width % 2:
             raise ValueError(f"height and width must be even and >= 8, got {self.height}x{self.width}")
+        lo, hi = self.subject_radius
+        if not 0.0 < lo <= hi <= 0.5:
+            raise ValueError(f"subject_radius must satisfy 0 < low <= high <= 0.5, got {self.subject_radius}")
         if self.max_subjects < 1:
             raise ValueError(f"max_subjects must be >= 1, got {self.max_subjects}")
         if not 0.0 <= self.two_subject_prob <= 1.0:
@@ -147,8 +151,9 @@ def _subject_color(rng: np.random.Generator, avoid_hue: float) -> tuple[RGB, RGB
     return c1, c2, hue
 
 
-def sample_subject(rng: np.random.Generator, avoid_hue: float = 0.0) -> SubjectSpec:
-    """Draw a random subject (shape, texture, colours, size)."""
+def sample_subject(rng: np.random.Generator, avoid_hue: float = 0.0,
+                   radius: tuple[float, float] = (0.14, 0.24)) -> SubjectSpec:
+    """Draw a random subject (shape, texture, colours, size: radius / min(H, W) uniform in `radius`)."""
     color, color2, _ = _subject_color(rng, avoid_hue)
     shape = str(rng.choice(SHAPES))
     blob = tuple(float(x) for x in rng.uniform(-0.18, 0.18, size=6)) if shape == "blob" else ()
@@ -157,7 +162,7 @@ def sample_subject(rng: np.random.Generator, avoid_hue: float = 0.0) -> SubjectS
         texture=str(rng.choice(TEXTURES)),
         color=color,
         color2=color2,
-        radius=float(rng.uniform(0.14, 0.24)),
+        radius=float(rng.uniform(*radius)),
         texture_freq=float(rng.uniform(2.0, 4.5)),
         texture_angle=float(rng.uniform(0.0, 180.0)),
         blob=blob,
@@ -260,7 +265,7 @@ def sample_clip_spec(seed: int, cfg: SyntheticConfig | None = None) -> ClipSpec:
     n = 1
     if cfg.max_subjects > 1 and rng.uniform() < cfg.two_subject_prob:
         n = int(rng.integers(2, cfg.max_subjects + 1))
-    subjects = [sample_subject(rng, bg_hue) for _ in range(n)]
+    subjects = [sample_subject(rng, bg_hue, cfg.subject_radius) for _ in range(n)]
     motions = [sample_motion(rng) for _ in range(n)]
     if n > 1:  # spread the subjects apart horizontally/vertically so they do not overlap completely
         for i, m in enumerate(motions):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -149,6 +150,17 @@ def test_synthetic_clips_are_deterministic_by_seed() -> None:
     assert fa.std(axis=0).mean() > 1.0  # something moves
     s1, s2 = make_sample((0, "train", 3, SMALL)), make_sample((0, "train", 3, SMALL))
     assert s1 == s2 and probe(s1["mp4"]).frames == 9
+
+
+def test_subject_radius_knob_sizes_subjects_and_is_checked() -> None:
+    big = SyntheticConfig(num_frames=9, fps=8.0, height=32, width=32, subject_radius=(0.3, 0.3), max_subjects=1)
+    spec = sample_clip_spec(3, big)
+    assert [s.radius for s in spec.subjects] == [0.3]
+    wide = dataclasses.replace(big, subject_radius=(0.25, 0.4))
+    radii = [sample_clip_spec(seed, wide).subjects[0].radius for seed in range(50)]
+    assert 0.25 <= min(radii) < 0.3 < 0.35 < max(radii) <= 0.4
+    with pytest.raises(ValueError, match="subject_radius"):
+        SyntheticConfig(subject_radius=(0.3, 0.2))
 
 
 def test_captions_name_motion_and_background_never_colours_or_textures() -> None:
