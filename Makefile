@@ -34,8 +34,9 @@ install: $(STAMP)
 $(EMBEDDED): | $(STAMP)
 	$(PY) data/make_embedded.py --out data/embedded
 
+# make data ARGS='--subject-radius 0.28 0.4' (see python data/make_embedded.py --help)
 data: $(STAMP)
-	$(PY) data/make_embedded.py --out data/embedded
+	$(PY) data/make_embedded.py --out data/embedded $(ARGS)
 
 # The embedded data set is built on first use when no SHARDS are given (tiny/mini scales).
 train: $(STAMP) $(if $(SHARDS),,$(EMBEDDED))
