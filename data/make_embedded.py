@@ -34,8 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="render/encode processes")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    cfg = SyntheticConfig(num_frames=a.frames, fps=a.fps, height=a.height, width=a.width,
-                          subject_radius=tuple(a.subject_radius))
+    try:
+        cfg = SyntheticConfig(num_frames=a.frames, fps=a.fps, height=a.height, width=a.width,
+                              subject_radius=tuple(a.subject_radius))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     t0 = time.time()
     summary = build_embedded(a.out, a.train, a.val, cfg, a.seed, a.workers, max(a.maxcount, 1), not a.no_progress)
     splits = {k: len(v["shards"]) for k, v in summary["splits"].items()}
