@@ -21,12 +21,12 @@ TRAIN_FLAGS = --exp $(EXP) --scale $(SCALE) $(if $(WAN_DIR),--wan-dir '$(WAN_DIR
 
 .PHONY: install train ablate test test-all data tensorboard export generate eval bench bench-mini dry-run clean
 
-# The dependencies are read from setup.cfg (install_requires + the test extra) and the repo is put on
-# the venv's path with a .pth file: an editable install without a setup.py/pyproject.toml shim.
-$(STAMP): setup.cfg constraints.txt
+# An editable install of the package (pyproject.toml: setuptools; setup.cfg: metadata, dependencies,
+# package data) with the test extra, the standard `pip install -e` route a GPU user takes too. torch is
+# held at the CPU build on this disk (constraints.txt), so a CPU machine never pulls a CUDA build.
+$(STAMP): pyproject.toml setup.cfg constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt torch==2.13.0 $$($(PYTHON) .ci/requirements.py)
-	$(PY) -c "import site, os; open(os.path.join(site.getsitepackages()[0], 'saber_pl.pth'), 'w').write(os.getcwd() + '\n')"
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0 -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)

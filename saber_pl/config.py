@@ -26,9 +26,10 @@ from saber_pl.augment import AugmentConfig
 from saber_pl.datamodule import DataConfig
 from saber_pl.flow import FlowConfig
 from saber_pl.masks import MaskConfig
+from saber_pl.paths import ROOT
 from saber_pl.wan import ModelConfig
 
-EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
+EXPERIMENTS_DIR = ROOT / "experiments"  # the checkout's experiments/, or the copy inside an installed wheel
 
 
 class ConfigError(ValueError):
@@ -78,6 +79,7 @@ class TrainerConfig:
     max_steps: int = 1000
     max_time_minutes: float | None = None  # stop after this wall time (None = no limit)
     accumulate_grad_batches: int = 1
+    global_batch: int | None = None  # clips per optimizer step over all ranks: derives accumulate_grad_batches
     log_every_n_steps: int = 10
     val_every_n_steps: int | None = None  # None = no validation loop
     limit_val_batches: int = 2
@@ -92,6 +94,8 @@ class TrainerConfig:
                      "accumulate_grad_batches", "max_nonfinite_in_row"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
+        if self.global_batch is not None and self.global_batch < 1:
+            raise ConfigError(f"trainer.global_batch must be >= 1 or null, got {self.global_batch}")
         if isinstance(self.devices, str) and self.devices != "auto":
             raise ConfigError(f"trainer.devices must be an int or 'auto', got {self.devices!r}")
 

@@ -32,6 +32,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from saber_pl.augment import AugmentConfig, ReferenceAugment
 from saber_pl.masks import MaskConfig, MaskGenerator
+from saber_pl.paths import shipped_path
+from saber_pl.shuffle import bounded_shuffle
 from saber_pl.video import VIDEO_EXTENSIONS, VideoError, decode_clip
 
 SKIP_REASONS = ("broken_tar", "missing_video", "missing_caption", "corrupt_video", "undecodable_frame",
@@ -57,6 +59,7 @@ class DataConfig:
     val_batch_size: int | None = None  # validation batch (None = batch_size)
     num_workers: int = 4  # DataLoader worker processes per device
     shuffle_buffer: int = 100  # raw (still encoded) samples in each worker's shuffle buffer (train only)
+    shuffle_buffer_mb: float = 512.0  # ... and at most this many MB of them (encoded videos vary 100x in size)
     resampled: bool = True  # train: draw shards with replacement, an infinite stream
     split: Literal["auto", "shard", "sample"] = "auto"  # how readers share a non-resampled pass
     epoch_batches: int | None = None  # train batches per rank and epoch (None = one pass; infinite if resampled)
@@ -79,6 +82,8 @@ class DataConfig:
             raise ValueError(f"data.epoch_batches must be >= 1 or null, got {self.epoch_batches}")
         if self.val_batch_size is not None and self.val_batch_size < 1:
             raise ValueError(f"data.val_batch_size must be >= 1 or null, got {self.val_batch_size}")
+        if self.shuffle_buffer_mb <= 0:
+            raise ValueError(f"data.shuffle_buffer_mb must be > 0, got {self.shuffle_buffer_mb}")
         if self.num_workers < 0 or self.shuffle_buffer < 0 or self.decode_threads < 0:
             raise ValueError("data.num_workers, data.shuffle_buffer and data.decode_threads must be >= 0")
         if not 0.0 <= self.caption_dropout <= 1.0:
@@ -94,9 +99,12 @@ class DataConfig:
 
 
 def expand_shards(spec: str) -> list[str]:
-    """Shard URLs from '::' or ',' separated brace patterns (commas inside braces belong to the pattern)."""
+    """Shard URLs from '::' or ',' separated brace patterns (commas inside braces belong to the pattern).
+
+    A relative path missing from the CWD is looked up in the checkout or the installed copy (paths.py).
+    """
     parts = re.split(r"::|,(?![^{]*\})", spec)
-    urls = [u for p in parts if p.strip() for u in wds.shardlists.expand_urls(p.strip())]
+    urls = [shipped_path(u) for p in parts if p.strip() for u in wds.shardlists.expand_urls(p.strip())]
     if not urls:
         raise ValueError(f"no shards in {spec!r}")
     return urls
@@ -313,8 +321,9 @@ class SaberStream(IterableDataset):
         if per_sample:
             stages.append(lambda src: islice(src, reader, None, readers))
         if self.train and cfg.shuffle_buffer > 1:
-            stages.append(wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer,
-                                      seed=wds.utils.make_seed(cfg.seed, self.rank, worker, epoch, 1)))
+            seed = wds.utils.make_seed(cfg.seed, self.rank, worker, epoch, 1)
+            max_bytes = max(1, int(cfg.shuffle_buffer_mb * 2**20))
+            stages.append(lambda src: bounded_shuffle(src, cfg.shuffle_buffer, max_bytes, seed))
         stages.append(lambda src: self._samples(src, counter, (cfg.seed, self.rank, worker, epoch)))
         bs = cfg.batch_size if self.train else (cfg.val_batch_size or cfg.batch_size)
         stages.append(lambda src: self._batches(src, bs, counter, worker))

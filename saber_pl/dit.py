@@ -78,6 +78,35 @@ def to_saber_layout(wan: WanTransformer3DModel) -> WanTransformer3DModel:
     return wan
 
 
+class _Fp32UnderAutocast:
+    """Mixin: the module's forward runs with autocast disabled, on a float32 input."""
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if not torch.is_autocast_enabled(x.device.type):
+            return super().forward(x, *args, **kwargs)
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float(), *args, **kwargs)
+
+
+_FP32_CLASSES: dict[type, type] = {}
+
+
+def keep_fp32_under_autocast(module: nn.Module) -> nn.Module:
+    """Make `module` compute in float32 under autocast (in place, by a class swap; returns it).
+
+    diffusers keeps the Wan time embedder in float32 when it loads the DiT in bf16; under autocast
+    (DDP + ``bf16-mixed``) its linears would otherwise run in bf16. A class swap rather than an
+    instance `forward` keeps deep copies (the EMA) bound to their own weights.
+    """
+    cls = type(module)
+    if issubclass(cls, _Fp32UnderAutocast):
+        return module
+    if cls not in _FP32_CLASSES:
+        _FP32_CLASSES[cls] = type(f"Fp32{cls.__name__}", (_Fp32UnderAutocast, cls), {})
+    module.__class__ = _FP32_CLASSES[cls]
+    return module
+
+
 class SaberTransformer(nn.Module):
     """Saber's reference-conditioned DiT around a diffusers `WanTransformer3DModel` (see module docstring)."""
 
@@ -106,6 +135,10 @@ class SaberTransformer(nn.Module):
         self.ref_rope_offset = ref_rope_offset
         self.max_refs = max_refs
         self.gradient_checkpointing = False
+        # Dtype the blocks compute in. None: the patch embedding's dtype (a plain or `cast_like_pretrained`
+        # model); set by parallel.shard_transformer, where parameters read between FSDP2 units are shards.
+        self.compute_dtype: torch.dtype | None = None
+        keep_fp32_under_autocast(self.wan.condition_embedder.time_embedder)
         self.processor = SaberAttnProcessor(attn_backend)
         for block in self.wan.blocks:
             block.attn1.set_processor(self.processor)
@@ -190,7 +223,7 @@ class SaberTransformer(nn.Module):
         hp, wp = h // ph, w // pw
         s_vid, s_ref = f * hp * wp, hp * wp
         s_full = s_vid + k * s_ref
-        dtype = wan.patch_embedding.weight.dtype  # under FSDP2 mixed precision: the unsharded param dtype
+        dtype = self.compute_dtype or wan.patch_embedding.weight.dtype
         latents, text_emb = latents.to(dtype), text_emb.to(dtype)
 
         # 1. z_in and patch embedding of video + reference frames

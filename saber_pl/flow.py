@@ -42,12 +42,33 @@ def shift_timesteps(u: Tensor, shift: float) -> Tensor:
 
 def sample_timesteps(cfg: FlowConfig, n: int, device: torch.device | str = "cpu",
                      generator: torch.Generator | None = None) -> Tensor:
-    """Draw n flow times t in [t_min, t_max]  # [n] float32."""
+    """Draw n flow times t in [t_min, t_max]  # [n] float32 (whatever the default dtype: bf16 holds only
+    126 distinct values in [0.5, 1))."""
+    f32 = torch.float32
     if cfg.sampling == "uniform":
-        u = torch.rand(n, device=device, generator=generator)
+        u = torch.rand(n, device=device, generator=generator, dtype=f32)
     else:
-        u = torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.randn(n, device=device, generator=generator))
+        u = torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.randn(n, device=device, generator=generator, dtype=f32))
     return shift_timesteps(u, cfg.shift).clamp(cfg.t_min, cfg.t_max)
+
+
+def step_seed(seed: int, rank: int, step: int, micro: int = 0) -> int:
+    """Seed of one micro-batch's draws: a function of (seed, global rank, optimizer step, micro-batch).
+
+    Different on every rank (each clip of a global batch gets its own t and noise) and replayed exactly
+    after a resume from the step alone, with no RNG state to restore.
+    """
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, rank, step, micro]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def draw_flow_inputs(cfg: FlowConfig, shape: tuple[int, ...], device: torch.device | str,
+                     generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """The random inputs of one flow-matching loss: t [B] and noise eps (float32, `shape`)."""
+    t = sample_timesteps(cfg, shape[0], device=device, generator=generator)
+    noise = torch.randn(shape, device=device, dtype=torch.float32, generator=generator)
+    return t, noise
 
 
 def interpolate(z0: Tensor, noise: Tensor, t: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ import functools
 import logging
 import math
 import time
+from dataclasses import replace
 from typing import Any
 
 import lightning as L
@@ -21,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from saber_pl import loading
 from saber_pl.config import ExperimentConfig
-from saber_pl.flow import interpolate, per_sample_mse, sample_timesteps, velocity_target
-from saber_pl.wan import Components, build_components, tokenize
+from saber_pl.flow import draw_flow_inputs, interpolate, per_sample_mse, step_seed, velocity_target
+from saber_pl.wan import Components, build_components, pretrained_dit, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -53,21 +55,28 @@ class SaberModule(L.LightningModule):
         super().__init__()
         self.cfg = cfg
         self.save_hyperparameters({"config": _plain(cfg)})
-        comps = components if components is not None else build_components(cfg.model)
-        self.dit = comps.transformer
+        # fsdp2 + pretrained DiT: built on meta here, its shards loaded in configure_model (loading.py)
+        self._dit_folder = loading.sharded_dit_folder(cfg) if components is None else None
+        self.frozen: FrozenParts | loading.LazyFrozenParts
+        if components is None and cfg.model.spec.pretrained:  # VAE / umT5 in bf16 on the device, at setup
+            self.frozen = loading.LazyFrozenParts(cfg.model)
+            self.dit = loading.meta_dit(cfg.model, self._dit_folder) if self._dit_folder else pretrained_dit(cfg.model)
+        else:  # small seeded parts (tiny/mini); a wan_dir's DiT replaces the random one
+            comps = components or build_components(replace(cfg.model, wan_dir=None) if self._dit_folder else cfg.model)
+            self.frozen = FrozenParts(comps)
+            self.dit = loading.meta_dit(cfg.model, self._dit_folder) if self._dit_folder else comps.transformer
+            for module in (self.frozen.vae, self.frozen.text_encoder):
+                module.requires_grad_(False)
+                module.eval()
         # EMA of the DiT as a registered, frozen copy: it is sharded like the DiT under FSDP2 and saved
         # and resumed with the model state (Lightning's EMAWeightAveraging copies the whole module,
-        # frozen VAE and umT5 included, and cannot be sharded).
+        # frozen VAE and umT5 included, and cannot be sharded). A meta DiT gives a meta EMA (no memory).
         self.dit_ema = copy.deepcopy(self.dit).requires_grad_(False) if cfg.optim.ema else None
-        self.frozen = FrozenParts(comps)
-        for module in (self.frozen.vae, self.frozen.text_encoder):
-            module.requires_grad_(False)
-            module.eval()
         self._sharded = False
         self._nonfinite_in_row = 0
         self._nonfinite_total = 0
         self._last_step_time: float | None = None
-        self._ema_step = 0
+        self._micro_step, self._micro = -1, 0  # micro-batch counter within one optimizer step
 
     # ------------------------------------------------------------------ set-up
     def configure_model(self) -> None:
@@ -77,12 +86,18 @@ class SaberModule(L.LightningModule):
         from saber_pl.parallel import shard_transformer
 
         mesh = self.device_mesh
-        param_dtype = torch.bfloat16 if self.trainer.precision in ("bf16-mixed", "bf16-true") else torch.float32
+        # bf16 compute over fp32 master weights under bf16-mixed; bf16-true: Lightning casts the shards to
+        # bf16 after this hook and FSDP2 computes in the stored dtype (no policy)
+        param_dtype = None if self.cfg.trainer.precision == "bf16-true" else self.compute_dtype
         dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
         for dit in (self.dit, self.dit_ema):
             if dit is not None:
                 shard_transformer(dit, dp_mesh, param_dtype=param_dtype, reduce_dtype=torch.float32,
                                   activation_checkpointing=self.cfg.model.gradient_checkpointing and dit is self.dit)
+        if self._dit_folder is not None:  # meta until now: each rank reads its own rows, the EMA copies them
+            loading.load_local_shards(self.dit, self._dit_folder, self.device)
+            if self.dit_ema is not None:
+                loading.copy_local_shards(self.dit_ema, self.dit)
         self._sharded = True
 
     def setup(self, stage: str) -> None:
@@ -94,7 +109,12 @@ class SaberModule(L.LightningModule):
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        precision = str(getattr(self.trainer, "precision", "32-true")) if self._trainer is not None else "32-true"
+        """bf16 under the config's ``bf16-*`` precisions (``auto`` = bf16 on CUDA), else float32: the dtype of
+        the frozen encoders and of the DiT's block compute. Read from the config, not from Lightning's plugin:
+        under FSDP2 Lightning runs at ``32-true`` and the bf16 compute is FSDP2's (train.lightning_precision)."""
+        precision = self.cfg.trainer.precision
+        if precision == "auto":
+            return torch.bfloat16 if self.device.type == "cuda" else torch.float32
         return torch.bfloat16 if precision.startswith("bf16") else torch.float32
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -143,10 +163,9 @@ class SaberModule(L.LightningModule):
         if batch["ref_counts"].numel() and int(batch["ref_counts"].max()) > 0:
             counts = batch["ref_counts"]
             ref_lat, ref_cov = self.encode_references(batch["refs"], batch["ref_masks"], counts)
-        bsz = z0.shape[0]
-        t = sample_timesteps(self.cfg.flow, bsz, device=z0.device, generator=generator)  # [B]
-        noise = torch.randn(z0.shape, device=z0.device, dtype=z0.dtype, generator=generator)
-        zt = interpolate(z0, noise, t)
+        z0 = z0.float()
+        t, noise = draw_flow_inputs(self.cfg.flow, tuple(z0.shape), z0.device, generator)  # [B] and [B, C, f, h, w]
+        zt = interpolate(z0, noise, t)  # float32; the DiT casts to its compute dtype
         pred = self.dit(zt, t * 1000.0, text, ref_lat, ref_cov, counts)  # [B, C, f, h, w]
         losses = per_sample_mse(pred, velocity_target(z0, noise))  # [B]
         return {"loss": losses.mean(), "losses": losses, "t": t, "tokens": self._token_count(z0, ref_cov)}
@@ -162,8 +181,16 @@ class SaberModule(L.LightningModule):
                 else int((pooled.sum((1, 2, 3)) > 0).sum()) * pooled.shape[-1] * pooled.shape[-2]
         return torch.tensor(float(video + refs))
 
+    def step_generator(self) -> torch.Generator:
+        """The generator of this micro-batch's t and noise, seeded by (seed, global rank, step, micro-batch)."""
+        if self._micro_step != self.global_step:
+            self._micro_step, self._micro = self.global_step, 0
+        seed = step_seed(self.cfg.trainer.seed, self.global_rank, self.global_step, self._micro)
+        self._micro += 1
+        return torch.Generator(device=self.device).manual_seed(seed)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
-        out = self.flow_loss(batch)
+        out = self.flow_loss(batch, generator=self.step_generator())
         loss = out["loss"]
         finite = torch.isfinite(loss).float()
         # Every rank must agree, or a skipped backward on one rank hangs the collectives of the others.
@@ -227,18 +254,21 @@ class SaberModule(L.LightningModule):
         self.log("train/grad_norm", norm.float(), batch_size=1)
 
     # ------------------------------------------------------------------ EMA
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.dit_ema is not None and self.global_step > self._ema_step:
-            self._ema_step = self.global_step
-            self.update_ema()
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer step, then the EMA update of the step, so a checkpoint written at the end of the
+        batch (callbacks run before the module's batch-end hook) holds the EMA of the same step."""
+        super().optimizer_step(*args, **kwargs)
+        if self.dit_ema is not None:
+            self.update_ema(self.global_step + 1)  # global_step counts this step only after the hook
 
     @torch.no_grad()
-    def update_ema(self) -> None:
-        """ema <- decay * ema + (1 - decay) * dit on the local shards (copy before ``ema_start_step``)."""
+    def update_ema(self, step: int) -> None:
+        """ema <- decay * ema + (1 - decay) * dit on the local fp32 shards after optimizer step `step`
+        (a copy up to ``ema_start_step``)."""
         o = self.cfg.optim
         ema = [_local(p) for p in self.dit_ema.parameters()]
         cur = [_local(p) for p in self.dit.parameters()]
-        if self.global_step <= o.ema_start_step:
+        if step <= o.ema_start_step:
             torch._foreach_copy_(ema, cur)
         else:
             torch._foreach_lerp_(ema, cur, 1.0 - o.ema_decay)
@@ -311,7 +341,7 @@ def _rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos),
              int(has_gauss), float(gauss)], "python": random.getstate()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # this process's device only: see _set_rng_state
     return state
 
 
@@ -324,5 +354,12 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    # One state for the current device. Older checkpoints hold a list per visible GPU (get_rng_state_all),
+    # which cannot be restored when the GPUs per process change between runs (torchrun -> srun): take the
+    # first. No draw that matters depends on it: t and noise come from step_generator, data and
+    # augmentation from their own seeded generators.
+    if isinstance(cuda, (list, tuple)):
+        cuda = cuda[0] if cuda else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from saber_pl.config import ConfigError, ExperimentConfig, dump_config, load_config, save_config
+from saber_pl.paths import ROOT
 
 log = logging.getLogger("saber_pl.train")
 
@@ -74,8 +75,10 @@ def check_inputs(cfg: ExperimentConfig) -> None:
     if not shards:
         raise SetupError(f"no training data for {cfg.run_name}: set SHARDS='/data/shards-{{000000..000099}}.tar'")
     if _is_local(shards) and not _local_shards_exist(shards):
-        hint = " (run `make data` to build the embedded data set)" if "embedded" in shards else ""
-        raise SetupError(f"training shards not found: {shards}: set SHARDS to existing shards{hint}")
+        roots = " and ".join(dict.fromkeys((str(Path.cwd()), str(ROOT))))  # the CWD, then the checkout / install
+        where = "" if os.path.isabs(shards) else f" (looked in {roots})"
+        hint = " (run `make data` in the repo to build the embedded data set)" if "embedded" in shards else ""
+        raise SetupError(f"training shards not found: {shards}{where}: set SHARDS to existing shards{hint}")
 
 
 def _is_local(spec: str) -> bool:
@@ -106,16 +109,15 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path) -> Any:
 
     t = cfg.trainer
     on_gpu = torch.cuda.is_available() and t.accelerator != "cpu"
-    precision = t.precision if t.precision != "auto" else ("bf16-mixed" if on_gpu else "32-true")
+    precision = lightning_precision(t, on_gpu)
     if t.strategy == "fsdp2":
         # Pure data parallelism over every process (FSDP2 sharding), no tensor parallelism.
         strategy: Any = AtomicModelParallelStrategy(data_parallel_size=world_size(t, on_gpu), tensor_parallel_size=1,
                                                     save_distributed_checkpoint=True)
-        if precision == "bf16-mixed":
-            precision = "bf16-true"  # FSDP2's MixedPrecisionPolicy does the bf16 compute / fp32 reduce
     else:
         strategy = t.strategy
     validate = t.val_every_n_steps is not None and cfg.data.val_shards is not None
+    log_validation_plan(cfg, validate)
     ckpt = SaberCheckpoint(
         dirpath=run_dir / "checkpoints", filename="step{step:07d}", auto_insert_metric_name=False,
         every_n_train_steps=t.ckpt_every_n_steps, save_last=True, save_top_k=t.keep_top_k,
@@ -129,11 +131,62 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path) -> Any:
     return L.Trainer(
         accelerator="cpu" if t.accelerator == "cpu" else ("gpu" if on_gpu else "auto"),
         devices=t.devices, num_nodes=t.num_nodes, strategy=strategy, precision=precision,
-        max_steps=t.max_steps, accumulate_grad_batches=t.accumulate_grad_batches,
+        max_steps=t.max_steps, accumulate_grad_batches=accumulation(cfg, world_size(t, on_gpu)),
         log_every_n_steps=t.log_every_n_steps, val_check_interval=t.val_every_n_steps if validate else None,
         check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches if validate else 0,
         num_sanity_val_steps=0, callbacks=callbacks, logger=logger, deterministic=t.deterministic,
         gradient_clip_val=None, enable_model_summary=True, use_distributed_sampler=False)
+
+
+def log_validation_plan(cfg: ExperimentConfig, validate: bool) -> None:
+    """Say at start-up what validation will do, so VAL_SHARDS never has a silent lack of effect."""
+    t, lg = cfg.trainer, cfg.logging
+    if cfg.data.val_shards is None:
+        log.info("validation off: no data.val_shards (VAL_SHARDS)")
+    elif not validate:
+        log.warning("validation off: data.val_shards is set but trainer.val_every_n_steps is null; set "
+                    "trainer.val_every_n_steps=N to compute val/loss every N steps")
+    else:
+        videos = (f"{lg.val_videos} sample video(s) ({lg.val_sample_steps} steps, CFG {lg.val_guidance})"
+                  if lg.val_videos else "no sample videos (logging.val_videos=0)")
+        log.info("validation every %d steps: val/loss on %d batch(es) of %s, %s", t.val_every_n_steps,
+                 t.limit_val_batches, cfg.data.val_shards, videos)
+
+
+def lightning_precision(t: Any, on_gpu: bool) -> str:
+    """The precision plugin Lightning gets for `trainer.precision` (``auto``: bf16-mixed on GPU, else 32-true).
+
+    Under ``fsdp2``, ``bf16-mixed`` is FSDP2's `MixedPrecisionPolicy` (bf16 all-gathered weights and compute,
+    fp32 gradient reduction; parallel.shard_transformer) over fp32 sharded parameters, gradients, AdamW
+    moments and EMA, so Lightning stays at ``32-true``: its ``bf16-true`` would cast the sharded module to
+    bf16 after `configure_model` (and make bf16 the default dtype inside the step). ``bf16-true`` stays an
+    explicit choice (bf16 weights and optimizer state: a step at lr 1e-5 mostly rounds away). Under ``ddp``
+    ``bf16-mixed`` is Lightning's autocast over fp32 weights.
+    """
+    precision = t.precision if t.precision != "auto" else ("bf16-mixed" if on_gpu else "32-true")
+    if t.strategy == "fsdp2" and precision == "bf16-mixed":
+        return "32-true"
+    if precision == "bf16-true":
+        log.warning("trainer.precision=bf16-true: weights, AdamW moments and EMA are bf16; updates below bf16's "
+                    "resolution (lr 1e-5 on weights ~0.02) are lost. bf16-mixed keeps fp32 master weights.")
+    return precision
+
+
+def accumulation(cfg: ExperimentConfig, world: int) -> int:
+    """Micro-batches per optimizer step: ``trainer.global_batch / (world x data.batch_size)`` when the global
+    batch is set (the recipe's 64 on 64 GPUs is 1, on 8 GPUs 8), else ``trainer.accumulate_grad_batches``."""
+    t = cfg.trainer
+    if t.global_batch is None:
+        return t.accumulate_grad_batches
+    per_step = world * cfg.data.batch_size
+    if t.global_batch % per_step:
+        raise ConfigError(f"trainer.global_batch={t.global_batch} is not a multiple of {world} rank(s) x "
+                          f"data.batch_size={cfg.data.batch_size} = {per_step}: change the GPUs or the batch size")
+    accumulate = t.global_batch // per_step
+    if accumulate != t.accumulate_grad_batches:
+        log.info("global batch %d = %d rank(s) x batch %d x accumulate_grad_batches %d", t.global_batch, world,
+                 cfg.data.batch_size, accumulate)
+    return accumulate
 
 
 def world_size(t: Any, on_gpu: bool) -> int:
@@ -169,7 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     except SetupError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return fit(cfg, resume=not args.no_resume)
+    try:
+        return fit(cfg, resume=not args.no_resume)
+    except ConfigError as err:  # found while building the trainer (e.g. the global batch vs the world size)
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
 
 
 def fit(cfg: ExperimentConfig, resume: bool = True) -> int:

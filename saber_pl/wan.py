@@ -396,46 +396,94 @@ def _cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     return module if next(module.parameters()).dtype == dtype else module.to(dtype)
 
 
+def check_init(cfg: ModelConfig, config: Any, folder: Path) -> None:
+    """The folder's DiT must fit `cfg.init`: T2V has C input channels, I2V 2C+4."""
+    want = config["out_channels"] if cfg.init == "t2v" else 2 * config["out_channels"] + 4
+    if config["in_channels"] != want:
+        raise ValueError(f"init={cfg.init!r} expects a transformer with {want} input channels, "
+                         f"{folder} has {config['in_channels']}")
+
+
+def dit_folder(cfg: ModelConfig) -> Path | None:
+    """`wan_dir/transformer` when the DiT's weights come from a Wan folder, else None (random weights).
+
+    At 1.3B/14B (init t2v/i2v) from `wan_dir` or $WAN_DIR; at tiny/mini only when `wan_dir` is set
+    explicitly (the VAE and umT5 stay the scale's own seeded ones there).
+    """
+    if cfg.init == "random" or not (cfg.spec.pretrained or cfg.wan_dir):
+        return None
+    return resolve_wan_dir(cfg, ("transformer",)) / "transformer"
+
+
 def _load_wan(cfg: ModelConfig, root: Path, dtype: torch.dtype) -> WanTransformer3DModel:
+    """The whole DiT of `root/transformer` in one process (single-process and DDP runs)."""
     if not is_accelerate_available():  # diffusers otherwise fails with a cryptic low_cpu_mem_usage error
         raise ImportError("loading a Wan DiT with diffusers' from_pretrained needs `accelerate` (pip install accelerate)")
     wan = WanTransformer3DModel.from_pretrained(root / "transformer", torch_dtype=dtype, local_files_only=True)
-    want = wan.config.out_channels if cfg.init == "t2v" else 2 * wan.config.out_channels + 4
-    if wan.config.in_channels != want:
-        raise ValueError(f"init={cfg.init!r} expects a transformer with {want} input channels, "
-                         f"{root / 'transformer'} has {wan.config.in_channels}")
+    check_init(cfg, wan.config, root / "transformer")
     return wan
 
 
-def load_pretrained_frozen(root: Path, text_len: int, dtype: torch.dtype) -> tuple[VideoVAE, TextEncoder]:
-    """The frozen Wan VAE (float32) and umT5 encoder + tokenizer of a local Wan2.1 diffusers folder."""
-    vae_model = AutoencoderKLWan.from_pretrained(root / "vae", torch_dtype=torch.float32, local_files_only=True)
+def _pretrained_wan(cfg: ModelConfig, root: Path, dtype: torch.dtype) -> WanTransformer3DModel:
+    """A real scale's Wan DiT, whole: from `root/transformer`, or seeded random weights with init=random."""
+    if cfg.init != "random":
+        return _load_wan(cfg, root, dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return _cast(random_wan(cfg.spec.dit, cfg.init), dtype)
+
+
+def saber_dit(cfg: ModelConfig, wan: WanTransformer3DModel) -> SaberTransformer:
+    """`wan` in Saber's layout (widened / image branch dropped) with `cfg`'s knobs."""
+    transformer = SaberTransformer(wan, **saber_kwargs(cfg))
+    transformer.gradient_checkpointing = cfg.gradient_checkpointing
+    return transformer
+
+
+def pretrained_dit(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> SaberTransformer:
+    """`build_components(cfg).transformer` of a real scale without loading the VAE and umT5."""
+    needed = ("transformer",) if cfg.init != "random" else ()
+    return saber_dit(cfg, _pretrained_wan(cfg, resolve_wan_dir(cfg, needed), dtype))
+
+
+def load_tokenizer(root: Path) -> Any:
+    return AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+
+
+def load_pretrained_frozen(root: Path, text_len: int, dtype: torch.dtype, device: str | torch.device = "cpu",
+                           vae_dtype: torch.dtype = torch.float32, tokenizer: Any = None) -> tuple[VideoVAE, TextEncoder]:
+    """The frozen Wan VAE (`vae_dtype`) and umT5 encoder (`dtype`) + tokenizer of a local Wan2.1 folder,
+    loaded straight onto `device` in their dtype (no float32 CPU copy first: umT5-xxl is 23 GB in fp32)."""
+    device_map = {"": str(torch.device(device))}
+    vae_model = AutoencoderKLWan.from_pretrained(root / "vae", torch_dtype=vae_dtype, device_map=device_map,
+                                                 local_files_only=True)
     vae = VideoVAE(vae_model, vae_model.config.latents_mean, vae_model.config.latents_std)
-    encoder = UMT5EncoderModel.from_pretrained(root / "text_encoder", dtype=dtype, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
-    return vae, TextEncoder(encoder, tokenizer, text_len)
+    encoder = UMT5EncoderModel.from_pretrained(root / "text_encoder", dtype=dtype, device_map=device_map,
+                                               local_files_only=True)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(root)
+    return vae.to(device), TextEncoder(encoder, tokenizer, text_len)
 
 
 def build_components(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Components:
-    """Build (tiny/mini) or load (1.3B/14B from wan_dir) the DiT, VAE, text encoder and tokenizer."""
+    """Build (tiny/mini) or load (1.3B/14B from wan_dir) the DiT, VAE, text encoder and tokenizer.
+
+    Every component is whole in this process: FSDP2 runs load the DiT in slices instead (loading.py).
+    """
     spec = cfg.spec
     text_len = cfg.resolved_text_len
     if spec.pretrained:
         needed = ("vae", "text_encoder", "tokenizer") + (("transformer",) if cfg.init != "random" else ())
         root = resolve_wan_dir(cfg, needed)
-        if cfg.init == "random":
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.seed)
-                wan = _cast(random_wan(spec.dit, cfg.init), dtype)
-        else:
-            wan = _load_wan(cfg, root, dtype)
+        wan = _pretrained_wan(cfg, root, dtype)
         vae, text_encoder = load_pretrained_frozen(root, text_len, dtype)
         encoder, tokenizer = text_encoder.encoder, text_encoder.tokenizer
     else:
         with torch.random.fork_rng(devices=[]):  # same random weights on every rank
             torch.manual_seed(cfg.seed)
-            wan = random_wan(spec.dit, cfg.init)
+            wan = random_wan(spec.dit, cfg.init)  # built even when loaded below: the umT5 draws come after it
             encoder = UMT5EncoderModel(UMT5Config(**spec.umt5))
+        if (folder := dit_folder(cfg)) is not None:
+            wan = _load_wan(cfg, folder.parent, dtype)
         if "pixel" in spec.vae:
             pixel = PixelAutoencoder(spatial_factor=spec.vae["pixel"], components=spec.vae.get("components"))
             channels = pixel.latent_channels
@@ -450,7 +498,6 @@ def build_components(cfg: ModelConfig, device: str | torch.device = "cpu", dtype
         wan, encoder = _cast(wan, dtype), _cast(encoder, dtype)
     if vae.latent_channels != wan.config.out_channels:
         raise ValueError(f"VAE has {vae.latent_channels} latent channels, DiT {wan.config.out_channels}")
-    transformer = SaberTransformer(wan, **saber_kwargs(cfg))
-    transformer.gradient_checkpointing = cfg.gradient_checkpointing
+    transformer = saber_dit(cfg, wan)
     text_encoder = TextEncoder(encoder, tokenizer, text_len)
     return Components(transformer.to(device), vae.to(device), text_encoder.to(device), tokenizer)

@@ -254,7 +254,8 @@ def test_sampler_lands_on_the_oracle_target_with_cfg(scheduler):
     neg = torch.full((2, 3, 8), 0.2)  # z0 of the unconditional branch
     refs, cov, counts = torch.zeros(2, 1, 4, 4, 4), torch.ones(2, 1, 1, 4, 4), torch.ones(2, dtype=torch.long)
     for guidance in (1.0, 3.0):
-        cfg = SamplerConfig(steps=6, guidance=guidance, shift=3.0, scheduler=scheduler, drop_refs_uncond=True)
+        cfg = SamplerConfig(steps=6, guidance=guidance, shift=3.0, scheduler=scheduler, drop_refs_uncond=True,
+                            split_passes=False)  # one packed batch per step (the split is tested below)
         dit = OracleDiT()
         out = sample_latents(dit, shape, text, neg, refs, cov, counts, cfg, torch.Generator().manual_seed(0),
                              progress=False)
@@ -337,3 +338,31 @@ def test_eval_aggregate_delegates(tmp_path, capsys):
     expected = 0.16 * 0.5 + 0.06 * 0.9 + 0.02 * 0.3 + 0.20 * 0.5 + 0.12 * 0.7 + 0.20 * 0.5 + 0.24 * 0.75
     assert result["total_score"] == pytest.approx(expected)
     assert "saber_pl (ours)" in capsys.readouterr().out
+
+
+def test_split_guidance_passes_equal_one_packed_batch() -> None:
+    """CFG as one b=1 DiT pass per sample and branch gives the packed 2B batch's latents (less memory at 14B)."""
+    import dataclasses
+
+    from saber_pl.config import load_config
+    from saber_pl.sampling import SamplerConfig, sample_latents
+    from saber_pl.wan import build_components
+
+    torch.manual_seed(0)
+    dit = build_components(load_config("saber_full", "tiny").model).transformer.eval()
+    with torch.no_grad():  # non-zero reference channels, so the references matter
+        dit.wan.patch_embedding.weight.normal_(0, 0.05)
+    g = torch.Generator().manual_seed(1)
+    shape = (3, 16, 2, 8, 8)
+    text, neg = torch.randn(3, 5, 32, generator=g), torch.zeros(3, 5, 32)
+    refs, cov = torch.randn(3, 2, 16, 8, 8, generator=g), torch.rand(3, 2, 1, 8, 8, generator=g)
+    counts = torch.tensor([2, 0, 1])
+    noise = torch.randn(shape, generator=g)
+    packed = SamplerConfig(steps=3, guidance=5.0, shift=3.0, split_passes=False)
+    out = {}
+    for split in (False, True):
+        cfg = dataclasses.replace(packed, split_passes=split)
+        out[split] = sample_latents(dit, shape, text, neg, refs, cov, counts, cfg, progress=False, noise=noise)
+    torch.testing.assert_close(out[True], out[False], atol=1e-5, rtol=1e-5)
+    no_refs = sample_latents(dit, shape, text, neg, None, None, None, packed, progress=False, noise=noise)
+    assert (no_refs - out[True]).abs().max() > 1e-3  # the references did take part

@@ -110,3 +110,18 @@ def test_lr_schedule_warmup_then_cosine() -> None:
     assert lr_factor(o, 110, 60) == pytest.approx(0.55)  # half-way: (1 + 0.1) / 2
     assert lr_factor(o, 110, 110) == pytest.approx(0.1) and lr_factor(o, 110, 500) == pytest.approx(0.1)
     assert lr_factor(OptimConfig(warmup_steps=0), 100, 50) == 1.0
+
+
+def test_global_batch_derives_the_accumulation_of_the_recipe() -> None:
+    """The recipe's global batch of 64 holds on any cluster size that divides it."""
+    from saber_pl.config import ConfigError, load_config
+    from saber_pl.train import accumulation
+
+    for scale in ("14B", "1.3B"):
+        cfg = load_config("saber_full", scale)
+        assert cfg.trainer.global_batch == 64
+        assert accumulation(cfg, 64) == 1 and accumulation(cfg, 8) == 8 and accumulation(cfg, 16) == 4
+        with pytest.raises(ConfigError, match="global_batch=64 is not a multiple of 48"):
+            accumulation(cfg, 48)
+    tiny = load_config("saber_full", "tiny", ["trainer.accumulate_grad_batches=3"])
+    assert tiny.trainer.global_batch is None and accumulation(tiny, 2) == 3

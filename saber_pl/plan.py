@@ -1,0 +1,439 @@
+"""Will it fit? Memory per rank, FLOPs per step and step time of a resolved config, before renting GPUs.
+
+    make plan EXP=saber_full SCALE=14B GPUS=64 GPU_MEM=80
+    python -m saber_pl.plan --exp saber_full --scale 14B --gpus 8 --gpu-mem 80 [--mfu 0.35] [--peak-tflops 989] \\
+        [--json] [key.sub=value ...]
+
+Everything comes from the resolved config (`config.load_config`) and from models built on the meta device
+(no memory, no weights): the DiT's exact parameters (`wan.meta_transformer`), and the frozen umT5 and VAE,
+whose encode peaks and FLOPs are measured by running them on meta tensors (`LiveBytes`, torch's
+`FlopCounterMode`). The DiT's activations are an op-by-op count of what autograd saves in diffusers'
+`WanTransformerBlock` (`block_saved`), checked against a CPU measurement in tests/test_plan.py. The
+verdict says whether the peak fits in the GPU memory less a headroom, and if not, which knobs make it
+fit (each one re-planned). docs/plan.md states every assumption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import sys
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
+
+from saber_pl.config import ConfigError, ExperimentConfig, load_config
+from saber_pl.wan import ModelConfig, meta_transformer
+
+GiB = 2**30
+FP32 = 4
+# Wan2.1's text_encoder/config.json (umT5-xxl encoder: 5,680,910,336 parameters); its VAE is diffusers'
+# default AutoencoderKLWan config (126,892,531 parameters).
+UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+
+
+# ----------------------------------------------------------------------------------------------- measuring
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the tensor storages created inside the mode (CPU, CUDA or meta tensors).
+
+    Every op output whose storage is new (not one of the op's inputs' storages, not seen before) is counted
+    until Python frees it; views and in-place ops add nothing. Tensors made before entering are not counted.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: weakref.WeakSet = weakref.WeakSet()
+        self.now = 0
+        self.peak = 0
+
+    def _free(self, n: int) -> None:
+        self.now -= n
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        inputs = [t.untyped_storage() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        ids = {id(s) for s in inputs}
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                if id(st) not in ids and st not in self._seen:
+                    self._seen.add(st)
+                    n = st.nbytes()
+                    weakref.finalize(st, self._free, n)
+                    self.now += n
+                    self.peak = max(self.peak, self.now)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------- the models
+
+
+@dataclass(frozen=True)
+class DitShape:
+    """What the plan needs of the DiT, read from the meta-device SaberTransformer."""
+
+    shapes: tuple[tuple[str, tuple[int, ...]], ...]  # every parameter: (name, shape)
+    layers: int
+    dim: int  # heads x head_dim
+    ffn: int
+    head_dim: int
+    block_params: int  # one transformer block
+    block_fp32_params: int  # of which diffusers keeps float32 under bf16 (norm2, scale_shift_table)
+    matmul: tuple[tuple[str, int], ...]  # (token role, weight elements) of every Linear / Conv3d
+
+    @property
+    def params(self) -> int:
+        return sum(math.prod(s) for _, s in self.shapes)
+
+
+def _role(name: str) -> str:
+    """Which tokens a DiT linear layer sees (see `dit_flops`)."""
+    if name.startswith("wan.blocks."):
+        return "block text" if ".attn2.to_k" in name or ".attn2.to_v" in name else "block"
+    if name.startswith("wan.patch_embedding"):
+        return "patches"
+    if name.startswith("wan.condition_embedder.text_embedder"):
+        return "text"
+    if name.startswith("wan.proj_out"):
+        return "video"
+    return "time"  # time embedder and time projection: one row per clip
+
+
+@functools.lru_cache(maxsize=8)
+def dit_shape(model: ModelConfig) -> DitShape:
+    """The DiT of `model`, built on the meta device."""
+    return shape_of(meta_transformer(model))
+
+
+def shape_of(dit: nn.Module) -> DitShape:
+    """A SaberTransformer's structure (any device)."""
+    wan = dit.wan
+    cfg = wan.config
+    keep = set(getattr(wan, "_keep_in_fp32_modules", None) or [])
+    block = wan.blocks[0]
+    matmul = tuple((_role(n), m.weight.numel()) for n, m in dit.named_modules() if isinstance(m, (nn.Linear, nn.Conv3d)))
+    return DitShape(
+        shapes=tuple((n, tuple(p.shape)) for n, p in dit.named_parameters()),
+        layers=cfg.num_layers, dim=cfg.num_attention_heads * cfg.attention_head_dim, ffn=cfg.ffn_dim,
+        head_dim=cfg.attention_head_dim, block_params=sum(p.numel() for p in block.parameters()),
+        block_fp32_params=sum(p.numel() for n, p in block.named_parameters() if n.split(".")[0] in keep),
+        matmul=matmul)
+
+
+def _frozen_modules(model: ModelConfig) -> tuple[nn.Module, nn.Module]:
+    """The frozen umT5 encoder and VideoVAE of a scale, on the meta device."""
+    from diffusers import AutoencoderKLWan
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from saber_pl.wan import PixelAutoencoder, VideoVAE
+
+    spec = model.spec
+    with torch.device("meta"):
+        encoder = UMT5EncoderModel(UMT5Config(**(UMT5_XXL if spec.pretrained else spec.umt5)))
+        if "pixel" in spec.vae:
+            ae = PixelAutoencoder(spec.vae["pixel"], components=spec.vae.get("components"))
+            vae = VideoVAE(ae, [0.0] * ae.latent_channels, [1.0] * ae.latent_channels)
+        else:
+            ae = AutoencoderKLWan(**({} if spec.pretrained else spec.vae))
+            vae = VideoVAE(ae, ae.config.latents_mean, ae.config.latents_std)
+    return encoder.eval(), vae
+
+
+@dataclass(frozen=True)
+class FrozenCost:
+    umt5_params: int
+    vae_params: int
+    spatial: int  # VAE factors
+    temporal: int
+    video_peak: int  # bytes alive at the peak of one micro-batch's video encode
+    refs_peak: int  # ... of its K reference frames (one-frame videos)
+    text_peak: int  # ... of its umT5 encode
+    flops: int  # all three encodes, forward only
+
+
+@functools.lru_cache(maxsize=64)
+def frozen_cost(model: ModelConfig, batch: int, frames: int, height: int, width: int, refs: int,
+                text_len: int, nbytes: int) -> FrozenCost:
+    """Measure the frozen encoders of one micro-batch on the meta device (shapes only: seconds, no memory).
+
+    The text encoder runs without its padding mask (transformers' mask builder needs data); same cost.
+    """
+    dtype = torch.bfloat16 if nbytes == 2 else torch.float32
+    encoder, vae = _frozen_modules(model)
+    encoder, vae = encoder.to(dtype), vae.to(dtype)
+    peaks, flops = [], 0
+    runs = [lambda: vae.encode(torch.empty(batch, 3, frames, height, width, device="meta", dtype=dtype)),
+            lambda: vae.encode(torch.empty(batch * refs, 3, 1, height, width, device="meta", dtype=dtype)) if refs else None,
+            lambda: encoder(torch.zeros(batch, text_len, dtype=torch.long, device="meta"))]
+    for run in runs:
+        live = LiveBytes()
+        with torch.no_grad(), live, FlopCounterMode(display=False) as counter:
+            run()
+        peaks.append(live.peak)
+        flops += counter.get_total_flops()
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return FrozenCost(count(encoder), count(vae), vae.spatial_factor, vae.temporal_factor, *peaks, flops)
+
+
+# ----------------------------------------------------------------------------------------------- tokens
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Tokens of one micro-batch on one rank (equal clips)."""
+
+    batch: int
+    video: int  # video tokens per clip: latent frames x patches per frame
+    refs: float  # valid reference tokens per clip
+    refs_k: float  # references per clip
+    frame_patches: int  # patches per latent frame (1,560 at 480x832)
+    text: int  # text tokens per clip
+    per_token: bool  # diffusers' per-token modulation path ([1, N, 6, D] fp32 per block)
+
+    @property
+    def clip(self) -> float:
+        return self.video + self.refs
+
+    @property
+    def packed(self) -> float:  # N: the packed sequence of the micro-batch
+        return self.batch * self.clip
+
+
+def tokens(cfg: ExperimentConfig, spatial: int, temporal: int, worst: bool) -> Tokens:
+    """Worst case (memory: K = refs_max references, every token valid) or expected (time: E[K] for K uniform
+    in [refs_min, refs_max], E[coverage] = the mean foreground ratio of the mask bins, before augmentation)."""
+    d, m = cfg.data, cfg.masks
+    _, ph, pw = cfg.model.spec.dit["patch_size"]
+    frame = (d.height // spatial // ph) * (d.width // spatial // pw)
+    video = (1 + (d.num_frames - 1) // temporal) * frame
+    k = float(d.refs_max) if worst else (d.refs_min + d.refs_max) / 2 if d.refs_max else 0.0
+    if worst or not cfg.model.ref_attn_mask:
+        coverage = 1.0
+    elif m.fixed_ratio is not None:
+        coverage = m.fixed_ratio
+    else:
+        coverage = sum(p * (lo + hi) / 2 for lo, hi, p in m.ratio_bins) / sum(p for *_, p in m.ratio_bins)
+    per_token = d.batch_size > 1 or (cfg.model.ref_timestep == "zero" and d.refs_max > 0)
+    return Tokens(d.batch_size, video, k * frame * coverage, k, frame, cfg.model.resolved_text_len, per_token)
+
+
+# ----------------------------------------------------------------------------------------------- memory
+
+
+def shard_bytes(shapes: tuple[tuple[str, tuple[int, ...]], ...], world: int, nbytes: int) -> tuple[int, int]:
+    """(total, largest rank) bytes of `shapes` sharded FSDP2-style on dim 0 (rank 0 holds ceil(d0 / world) rows)."""
+    total = sum(math.prod(s) for _, s in shapes) * nbytes
+    rank0 = sum(min(-(-s[0] // world), s[0]) * math.prod(s[1:]) if s else 1 for _, s in shapes) * nbytes
+    return total, rank0
+
+
+def block_saved(dit: DitShape, tok: Tokens, c: int, kernels: str, attn_backend: str) -> float:
+    """Bytes autograd saves in one WanTransformerBlock forward on the packed micro-batch (compute dtype `c` bytes).
+
+    Counted op by op from diffusers' block (norms and modulation in fp32, linears in the compute dtype):
+    fp32: the inputs of norm1/norm2/norm3, the outputs of norm1/norm3 (multiplied by 1 + scale) and the FFN
+    output (multiplied by the gate); compute dtype: the input of q/k/v, RoPE'd q and k, v, the attention
+    output and its projection (multiplied by the gate), the cross-attention input, normed query and output,
+    the FFN input, its hidden (gelu input) and gelu output (2 x N x ffn). RMSNorm: the fused CUDA kernel saves
+    its input; the CPU composite an fp32 copy and x * rsqrt. SDPA per packed sample (backend `sdpa`, or CPU)
+    also keeps each sample's output before the concat. Per-token modulation adds 1 + scale (x2) and the
+    [N, 6, D] fp32 sum of scale_shift_table and temb.
+    """
+    nd = tok.packed * dit.dim
+    text = tok.batch * tok.text * dit.dim
+    rms = c if kernels == "cuda" else 2 * FP32
+    saved = 6 * FP32 * nd + 10 * c * nd + 2 * c * tok.packed * dit.ffn + 3 * rms * nd + (rms + 2 * c) * text
+    if kernels != "cuda" or attn_backend == "sdpa":
+        saved += 2 * c * nd
+    if tok.per_token:
+        saved += 8 * FP32 * nd
+    return saved
+
+
+def dit_activations(dit: DitShape, tok: Tokens, c: int, checkpointing: bool, kernels: str = "cuda",
+                    attn_backend: str = "auto") -> dict[str, float]:
+    """Peak activation bytes of one DiT forward + backward, by term (bytes; 'total' is their sum).
+
+    With per-block checkpointing the peak is at the first block's backward: every block's saved input,
+    one block recomputed, and the gradients being formed. Without it, at the end of the forward: every
+    block's saved tensors.
+    """
+    n, d = tok.packed, dit.dim
+    nd = n * d
+    block = block_saved(dit, tok, c, kernels, attn_backend)
+    shared = tok.batch * tok.text * d * c + 2 * n * dit.head_dim * FP32  # text embedding, RoPE cos / sin
+    shared += 6 * nd * c if tok.per_token else 0  # the per-token temb [1, N, 6, D]
+    head = tok.batch * tok.video * d * (2 * FP32 + c)  # norm_out input and output in fp32, proj_out input
+    # backward working set: grads of the block output and of the residual in fp32, of the FFN hidden x2
+    work = c * nd + 2 * FP32 * nd + 2 * c * n * dit.ffn
+    if checkpointing:
+        inputs = dit.layers * c * nd
+        recompute = block - (FP32 * nd if c == FP32 else 0)  # in fp32 norm1 reads the checkpointed input itself
+        terms = {"block inputs": inputs, "one block recomputed": recompute, "backward working set": work}
+    else:
+        terms = {"saved by every block": dit.layers * block, "output head": head}
+    terms["text, RoPE, temb"] = shared
+    terms["total"] = sum(terms.values())
+    return terms
+
+
+def gathered_bytes(dit: DitShape, c: int) -> float:
+    """FSDP2 all-gathered blocks in flight: current + prefetched, params and unsharded grads in the compute
+    dtype (the fp32-kept norm2 / scale_shift_table in fp32), plus one block's grads cast to fp32 for the
+    reduce-scatter."""
+    low = dit.block_params - dit.block_fp32_params
+    per_block = low * c + dit.block_fp32_params * FP32
+    return 2 * 2 * per_block + dit.block_params * FP32
+
+
+# ----------------------------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class Plan:
+    exp: str
+    scale: str
+    world: int
+    gpu_mem_gib: float
+    usable_gib: float
+    batch: int
+    accumulation: int
+    global_batch: int
+    tokens: dict[str, float]
+    params: dict[str, int]
+    state: dict[str, tuple[int, int]]  # name -> (total bytes, largest rank bytes)
+    memory_gib: dict[str, float]  # per rank
+    phases_gib: dict[str, float]
+    peak_gib: float
+    fits: bool
+    flops: dict[str, float]
+    step_time_s: float
+    mfu: float
+    peak_tflops: float
+    assumptions: list[str] = field(default_factory=list)
+    knobs: list[dict[str, Any]] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)
+
+
+def precision_bytes(cfg: ExperimentConfig) -> tuple[int, int]:
+    """(master, compute) bytes per element: fp32 masters unless bf16-true, bf16 compute under bf16-*
+    (``auto`` is bf16-mixed on a GPU)."""
+    p = cfg.trainer.precision
+    if p == "auto":
+        p = "32-true" if cfg.trainer.accelerator == "cpu" else "bf16-mixed"
+    return (2 if p == "bf16-true" else FP32), (2 if p.startswith("bf16") else FP32)
+
+
+def make_plan(cfg: ExperimentConfig, world: int, gpu_mem_gib: float, mfu: float = 0.35, peak_tflops: float = 989.0,
+              headroom: float = 0.1, text_encoder: bool = True, overrides: tuple[str, ...] = ()) -> Plan:
+    """Memory per rank, FLOPs and step time of `cfg` on `world` GPUs of `gpu_mem_gib` GiB."""
+    from saber_pl.train import accumulation
+
+    master, c = precision_bytes(cfg)
+    dit = dit_shape(cfg.model)
+    d = cfg.data
+    fsdp = cfg.trainer.strategy == "fsdp2"
+    accum = accumulation(cfg, world)
+    probe = frozen_cost(cfg.model, d.batch_size, d.num_frames, d.height, d.width, d.refs_max,
+                        cfg.model.resolved_text_len, c)
+    worst = tokens(cfg, probe.spatial, probe.temporal, worst=True)
+    mean = tokens(cfg, probe.spatial, probe.temporal, worst=False)
+
+    # sharded (fsdp2) or replicated training state
+    shard_world = world if fsdp else 1
+    params = shard_bytes(dit.shapes, shard_world, master)
+    state = {"DiT parameters": params, "gradients": params,
+             "AdamW exp_avg + exp_avg_sq": tuple(2 * x for x in params)}
+    if cfg.optim.ema:
+        state["EMA"] = params
+    mem = {f"{k} ({'fp32' if master == FP32 else 'bf16'}{', sharded' if fsdp else ''})": v[1] for k, v in state.items()}
+    grads_key = next(k for k in mem if k.startswith("gradients"))
+    grads = mem.pop(grads_key)
+    frozen = {"umT5 encoder": probe.umt5_params * c if text_encoder else 0, "VAE": probe.vae_params * c}
+    dt = "bf16" if c == 2 else "fp32"
+    mem.update({f"{k} ({dt}, every rank)": v for k, v in frozen.items()})
+    persistent = sum(mem.values())
+
+    # transients of one micro-batch
+    pixels = d.num_frames * d.height * d.width
+    batch_in = d.batch_size * 3 * (pixels + d.refs_max * d.height * d.width) * FP32 \
+        + d.batch_size * d.refs_max * d.height * d.width * FP32  # fp32 video, references, masks
+    encode = max(probe.video_peak, probe.refs_peak, probe.text_peak if text_encoder else 0)
+    act = dit_activations(dit, worst, c, cfg.model.gradient_checkpointing, "cuda", cfg.model.attn_backend)
+    gathered = gathered_bytes(dit, c) if fsdp else 0
+    extra = {}
+    if not fsdp:  # DDP: a second fp32 copy of the gradients in its buckets; autocast's bf16 weight cache
+        extra["DDP gradient buckets"] = params[1] if cfg.trainer.strategy == "ddp" and world > 1 else 0
+        extra["autocast bf16 weight cache"] = dit.params * 2 if c == 2 and master == FP32 else 0
+    optim_temp = params[1]  # foreach AdamW: sqrt(exp_avg_sq) of the local shards
+    mem.update({f"gradients ({'fp32' if master == FP32 else 'bf16'}{', sharded' if fsdp else ''})": grads,
+                "batch on the device (fp32)": batch_in, "VAE / umT5 encode (transient)": encode,
+                "all-gathered blocks in flight": gathered, "DiT activations": act["total"], **extra,
+                "AdamW step temporaries": optim_temp})
+    phases = {
+        "encode": persistent + batch_in + encode,
+        "forward + backward": persistent + grads + batch_in + gathered + act["total"] + sum(extra.values()),
+        "optimizer step": persistent + grads + optim_temp,
+    }
+    peak = max(phases.values())
+    usable = gpu_mem_gib * (1.0 - headroom)
+
+    # FLOPs per micro-batch (forward), model (x3: forward + backward) and hardware (+ recompute + frozen)
+    fl = dit_flops(dit, mean)
+    model_micro = 3 * (fl["linear"] + fl["attention"])
+    hw_micro = model_micro + (fl["blocks"] if cfg.model.gradient_checkpointing else 0) + probe.flops
+    rank_step = model_micro * accum
+    step_time = rank_step / (mfu * peak_tflops * 1e12)
+    flops = {"model per rank per step": rank_step, "hardware per rank per step": hw_micro * accum,
+             "model global per step": rank_step * world, "attention share": fl["attention"] / (fl["linear"] + fl["attention"]),
+             "frozen encoders per rank per step": probe.flops * accum}
+    assumptions = [
+        f"memory: worst case K={d.refs_max} references per clip, every reference token valid "
+        f"({worst.packed:,.0f} tokens per micro-batch)",
+        f"time: expected K={mean.refs_k:g}, coverage {mean.refs / max(mean.refs_k * mean.frame_patches, 1):.2f} "
+        f"({mean.packed:,.0f} tokens per micro-batch)",
+        f"GPU kernels: fused RMSNorm, {'xformers (one call)' if cfg.model.attn_backend != 'sdpa' else 'SDPA per sample'}"
+        " attention; headroom {:.0%} of the GPU memory for CUDA context, NCCL and fragmentation".format(headroom),
+        f"step time = model FLOPs / (MFU {mfu} x {peak_tflops:g} TFLOP/s)",
+    ]
+    if not text_encoder:
+        assumptions.append("umT5 not on the GPU: text embeddings precomputed")
+    return Plan(
+        exp=cfg.exp, scale=cfg.scale, world=world, gpu_mem_gib=gpu_mem_gib, usable_gib=usable, batch=d.batch_size,
+        accumulation=accum, global_batch=world * d.batch_size * accum,
+        tokens={"video per clip": worst.video, "references per clip (worst)": worst.refs,
+                "references per clip (expected)": mean.refs, "per micro-batch (worst)": worst.packed,
+                "per micro-batch (expected)": mean.packed},
+        params={"DiT": dit.params, "DiT block": dit.block_params, "umT5 encoder": probe.umt5_params, "VAE": probe.vae_params},
+        state=state, memory_gib={k: v / GiB for k, v in mem.items()}, phases_gib={k: v / GiB for k, v in phases.items()},
+        peak_gib=peak / GiB, fits=peak / GiB <= usable, flops=flops, step_time_s=step_time, mfu=mfu,
+        peak_tflops=peak_tflops, assumptions=assumptions, overrides=list(overrides))
+
+
+def dit_flops(dit: DitShape, tok: Tokens) -> dict[str, float]:
+    """Forward FLOPs of the DiT on one micro-batch: 2 x weights x tokens for every linear layer (the tokens it
+    sees: packed N in the blocks, text for the cross-attention keys/values, every patch for the patch
+    embedding, video tokens for the output), attention 4 x S^2 x D per clip and block, cross-attention
+    4 x N x L x D per block."""
+    text = tok.batch * tok.text
+    seen = {"block": tok.packed, "block text": text, "text": text, "video": tok.batch * tok.video,
+            "patches": tok.batch * (tok.video + tok.refs_k * tok.frame_patches), "time": tok.batch}
+    linear = {role: 0.0 for role in seen}
+    for role, w in dit.matmul:
+        linear[role] += 2 * w * seen[role]
+    attention = dit.layers * 4 * dit.dim * (tok.batch * tok.clip**2 + tok.packed * tok.text)
+    blocks = linear["block"] + linear["block text"] + attention  # what checkpointing recomputes
+    return {"linear": sum(linear.values()), "attention": attention, "blocks": blocks}
