@@ -90,6 +90,8 @@ class DitShape:
     dim: int  # heads x head_dim
     ffn: int
     head_dim: int
+    in_channels: int  # of the patch embedding (2C + 4)
+    patch_volume: int  # latent pixels per patch (1 x 2 x 2)
     block_params: int  # one transformer block
     block_fp32_params: int  # of which diffusers keeps float32 under bf16 (norm2, scale_shift_table)
     matmul: tuple[tuple[str, int], ...]  # (token role, weight elements) of every Linear / Conv3d
@@ -128,7 +130,8 @@ def shape_of(dit: nn.Module) -> DitShape:
     return DitShape(
         shapes=tuple((n, tuple(p.shape)) for n, p in dit.named_parameters()),
         layers=cfg.num_layers, dim=cfg.num_attention_heads * cfg.attention_head_dim, ffn=cfg.ffn_dim,
-        head_dim=cfg.attention_head_dim, block_params=sum(p.numel() for p in block.parameters()),
+        head_dim=cfg.attention_head_dim, in_channels=cfg.in_channels, patch_volume=math.prod(cfg.patch_size),
+        block_params=sum(p.numel() for p in block.parameters()),
         block_fp32_params=sum(p.numel() for n, p in block.named_parameters() if n.split(".")[0] in keep),
         matmul=matmul)
 
@@ -284,7 +287,9 @@ def dit_activations(dit: DitShape, tok: Tokens, c: int, checkpointing: bool, ker
         recompute = block - (FP32 * nd if c == FP32 else 0)  # in fp32 norm1 reads the checkpointed input itself
         terms = {"block inputs": inputs, "one block recomputed": recompute, "backward working set": work}
     else:
-        terms = {"saved by every block": dit.layers * block, "output head": head}
+        patches = tok.batch * (tok.video + tok.refs_k * tok.frame_patches)  # before dropping reference tokens
+        embed = patches * c * (d + dit.in_channels * dit.patch_volume)  # z_in and the patch tokens, alive to the end
+        terms = {"saved by every block": dit.layers * block, "output head": head, "patch embedding": embed}
     terms["text, RoPE, temb"] = shared
     terms["total"] = sum(terms.values())
     return terms
