@@ -19,7 +19,7 @@ EMBEDDED := data/embedded/.complete
 TRAIN_FLAGS = --exp $(EXP) --scale $(SCALE) $(if $(WAN_DIR),--wan-dir '$(WAN_DIR)') \
 	$(if $(SHARDS),--shards '$(SHARDS)') $(if $(VAL_SHARDS),--val-shards '$(VAL_SHARDS)') $(ARGS)
 
-.PHONY: install train ablate test test-all data tensorboard export generate eval bench bench-mini dry-run clean
+.PHONY: install train ablate test test-all data tensorboard export generate eval bench bench-mini dry-run plan clean
 
 # An editable install of the package (pyproject.toml: setuptools; setup.cfg: metadata, dependencies,
 # package data) with the test extra, the standard `pip install -e` route a GPU user takes too. torch is
@@ -47,6 +47,13 @@ ablate: $(STAMP) $(if $(SHARDS),,$(EMBEDDED))
 
 dry-run: $(STAMP)
 	$(PY) -m saber_pl.train $(TRAIN_FLAGS) --dry-run
+
+# Will it fit? Memory per rank, FLOPs per step, step time and a verdict (docs/plan.md); no GPU needed.
+#   make plan EXP=saber_full SCALE=14B GPUS=64 GPU_MEM=80 [ARGS='--mfu 0.4 --json key.sub=value']
+GPUS ?=
+GPU_MEM ?= 80
+plan: $(STAMP)
+	$(PY) -m saber_pl.plan --exp $(EXP) --scale $(SCALE) $(if $(GPUS),--gpus $(GPUS)) --gpu-mem $(GPU_MEM) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

@@ -1,7 +1,8 @@
 """Peak host memory of an FSDP2 start-up from a Wan2.1-1.3B diffusers folder, up to step 0.
 
     PYTHONPATH=. .venv/bin/python benchmarks/startup.py [--ema] [--cache /tmp/saber_startup_wan13b]
-    PYTHONPATH=. .venv/bin/python benchmarks/startup.py --code /tmp/saber_head   # another source tree (before)
+    mkdir /tmp/old && git archive <commit> | tar -x -C /tmp/old      # an older source tree, to measure "before"
+    PYTHONPATH=. .venv/bin/python benchmarks/startup.py --code /tmp/old
 
 Prints one JSON line. The folder (written once into `--cache`, 5.7 GB) holds a DiT with the real 1.3B config
 (wan.SCALES["1.3B"], random weights, in 1 GB safetensors files with an index as diffusers writes them), a small
@@ -98,8 +99,8 @@ def rank_main(out: Path, argv: list[str]) -> None:
                 data = p.data.to_local() if hasattr(p.data, "to_local") else p.data
                 local += data.numel() * data.element_size()
             status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-            mem = {k: int(status[k].split()[0]) for k in ("VmHWM", "VmRSS") if k in status}
-            (out / f"rank{trainer.global_rank}.json").write_text(json.dumps({"shards_gb": local / 1e9, **mem}))
+            peak = int(status["VmHWM"].split()[0]) * 1024 / 1e9  # /proc's kB are KiB
+            (out / f"rank{trainer.global_rank}.json").write_text(json.dumps({"shards_gb": local / 1e9, "peak_gb": peak}))
             if dist.is_initialized():
                 dist.barrier()
             os._exit(0)  # the measurement ends here: no step, no teardown
@@ -164,7 +165,7 @@ def main() -> None:
             logs[r].close()
         ranks = [json.loads(Path(f"{tmp}/rank{r}.json").read_text()) for r in range(WORLD)]
         shards = sum(r["shards_gb"] for r in ranks)
-        peak_at_step0 = [r["VmHWM"] * 1024 / 1e9 for r in ranks]  # /proc's kB are KiB
+        peak_at_step0 = [r["peak_gb"] for r in ranks]  # equal to rss_gb_*: the peak is reached by step 0
     full = dit_fp32_gb()
     total = sum(rss)
     result = {f"rss_gb_rank{r}": round(v, 3) for r, v in enumerate(rss)}

@@ -6,9 +6,15 @@ dropped before the first block; the valid tokens of each sample are packed back 
 sequence `[1, sum(S_b), ...]` (the batch may mix clips with different numbers of references), and
 attention runs block-diagonally over the packed samples:
 
-- `xformers`: `memory_efficient_attention` with a `BlockDiagonalMask` (CUDA only, imported lazily);
+- `varlen`: PyTorch's `torch.nn.attention.varlen.varlen_attn` (FlashAttention-2, CUDA sm80+, bf16/fp16) with
+  the packing's cumulative sequence lengths; the fastest exact kernel (benchmarks/gpu.py, docs/gpu.md);
+- `xformers`: `memory_efficient_attention` with a `BlockDiagonalMask` (CUDA, any float dtype);
 - `sdpa`: one PyTorch `scaled_dot_product_attention` call per packed sample (anywhere; no dense mask);
 - `reference`: an explicit softmax over a dense boolean mask (tests and the dense debug path only).
+
+`auto` takes the first of varlen, xformers, sdpa that runs on the inputs' device and dtype (on the CPU always
+sdpa). Asking for `varlen` or `xformers` where it cannot run is an error naming the reason, never a silent
+fallback: a run configured for a kernel gets that kernel. Both GPU kernels are imported lazily, on CUDA only.
 
 `SaberAttnProcessor` is diffusers' `WanAttnProcessor` with the attention call replaced by the above; it
 is installed on `attn1` and `attn2` of every diffusers `WanTransformerBlock`, which then runs on the
@@ -17,7 +23,9 @@ packed sequence unchanged.
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -27,8 +35,9 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-AttnBackend = Literal["auto", "xformers", "sdpa"]
-_BACKENDS = ("auto", "xformers", "sdpa")
+AttnBackend = Literal["auto", "varlen", "xformers", "sdpa"]
+_BACKENDS = ("auto", "varlen", "xformers", "sdpa")
+_HALF = (torch.bfloat16, torch.float16)
 _logged: set[str] = set()
 
 
@@ -71,42 +80,78 @@ def _log_once(msg: str) -> None:
         log.info(msg)
 
 
-def _xformers_works(device: torch.device) -> bool:
-    """True when xformers imports and its kernel runs here (builds for another torch import but fail)."""
-    if device.type != "cuda":
-        return False
+def _probe(device: torch.device, dtype: torch.dtype, run: Callable[[Tensor], None]) -> str | None:
+    """Run a tiny attention call; None when it works, else the error (a build for another torch imports but fails)."""
     try:
-        import xformers.ops as xops  # lazy: only on CUDA
-
-        q = torch.zeros(1, 4, 1, 8, device=device, dtype=torch.float16)
-        xops.memory_efficient_attention(q, q, q)
-        return True
-    except Exception:  # noqa: BLE001 - any failure means "not usable here"
-        return False
+        with torch.no_grad():
+            run(torch.zeros(4, 1, 8, device=device, dtype=dtype))  # q = k = v [N, H, Dh]
+        return None
+    except Exception as err:  # noqa: BLE001 - any failure means "not usable here"
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
 
 
-_resolved: dict[tuple[str, str], str] = {}
+def _varlen_run(q: Tensor) -> None:
+    from torch.nn.attention.varlen import varlen_attn  # lazy: public since torch 2.10
+
+    cu = torch.tensor([0, q.shape[0]], device=q.device, dtype=torch.int32)
+    varlen_attn(q, q, q, cu, cu, q.shape[0], q.shape[0])
 
 
-def resolve_backend(requested: str, device: torch.device) -> str:
-    """Pick the attention backend for `device` ("auto": xformers on CUDA when it works, else sdpa)."""
+def _xformers_run(q: Tensor) -> None:
+    import xformers.ops as xops  # lazy: only on CUDA
+
+    xops.memory_efficient_attention(q[None], q[None], q[None])
+
+
+@functools.lru_cache(maxsize=None)
+def unavailable(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why `backend` cannot run on `device` for `dtype` inputs, or None when it can (probed once per key)."""
+    if backend in ("sdpa", "reference"):
+        return None
+    if device.type != "cuda":
+        return f"{backend} is CUDA only (inputs on {device})"
+    if backend == "varlen":
+        if dtype not in _HALF:
+            return f"varlen_attn (FlashAttention-2) takes bf16/fp16, inputs are {dtype}"
+        try:
+            import torch.nn.attention.varlen  # noqa: F401
+        except ImportError as err:
+            return f"torch {torch.__version__} has no torch.nn.attention.varlen (needs >= 2.10): {err}"
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return f"varlen_attn needs an sm80+ GPU (A100 or newer), {device} is sm{major}{minor}"
+        return _probe(device, dtype, _varlen_run)
+    if backend == "xformers":
+        try:
+            import xformers.ops  # noqa: F401
+        except Exception as err:  # noqa: BLE001 - ImportError or a broken build
+            return f"xformers does not import: {type(err).__name__}: {err}"[:300]
+        return _probe(device, dtype, _xformers_run)
+    raise ValueError(f"attn_backend must be one of {_BACKENDS}, got {backend!r}")
+
+
+_resolved: dict[tuple[str, str, torch.dtype], str] = {}
+
+
+def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
+    """The kernel for q/k/v of `dtype` on `device`.
+
+    auto: varlen, else xformers, else sdpa, the first that runs here (the CPU: sdpa). An explicit varlen or
+    xformers that cannot run raises ValueError with the reason (no silent fallback).
+    """
     if requested not in _BACKENDS:
         raise ValueError(f"attn_backend must be one of {_BACKENDS}, got {requested!r}")
-    key = (requested, str(device))
+    key = (requested, str(device), dtype)
     if key not in _resolved:
-        if requested == "sdpa":
-            chosen = "sdpa"
-        elif requested == "xformers":
-            if not _xformers_works(device):
-                raise ValueError(
-                    f"attn_backend='xformers' but xformers' memory_efficient_attention does not run on {device} "
-                    "(CUDA only, and the xformers build must match torch); use attn_backend='sdpa' or 'auto'"
-                )
-            chosen = "xformers"
+        if requested == "auto":
+            chosen = next(b for b in ("varlen", "xformers", "sdpa") if unavailable(b, device, dtype) is None)
+        elif (why := unavailable(requested, device, dtype)) is not None:
+            raise ValueError(f"attn_backend={requested!r} cannot run here: {why}; "
+                             "use attn_backend='auto' (picks what runs) or 'sdpa'")
         else:
-            chosen = "xformers" if _xformers_works(device) else "sdpa"
+            chosen = requested
         _resolved[key] = chosen
-        _log_once(f"saber attention backend: {chosen} (requested {requested}, device {device})")
+        _log_once(f"saber attention backend: {chosen} (requested {requested}, device {device}, {dtype})")
     return _resolved[key]
 
 
@@ -154,6 +199,33 @@ def xformers_packed(q: Tensor, k: Tensor, v: Tensor, q_seqlens: list[int], kv_se
     return xops.memory_efficient_attention(q, k, v, attn_bias=bias)
 
 
+def cu_seqlens(seqlens: tuple[int, ...], device: torch.device) -> Tensor:
+    """Cumulative sequence lengths [B + 1] int32 on `device`: the `Packing` offsets, as varlen kernels take them.
+
+    Cached: every block of a step (and its recomputation) reuses one host-to-device copy. The key includes
+    inference mode, since a tensor made under `torch.inference_mode` (validation) cannot be saved for backward.
+    """
+    return _cu_seqlens(tuple(seqlens), device, torch.is_inference_mode_enabled())
+
+
+@functools.lru_cache(maxsize=256)
+def _cu_seqlens(seqlens: tuple[int, ...], device: torch.device, inference: bool) -> Tensor:
+    return torch.tensor(Packing(list(seqlens)).offsets, dtype=torch.int32, device=device)
+
+
+def varlen_packed(q: Tensor, k: Tensor, v: Tensor, q_seqlens: list[int], kv_seqlens: list[int]) -> Tensor:
+    """Block-diagonal attention with `torch.nn.attention.varlen.varlen_attn` (CUDA). Shapes as `sdpa_packed`.
+
+    The kernel takes [N, H, Dh] and the segment boundaries as cumulative lengths; default scale 1/sqrt(Dh).
+    """
+    from torch.nn.attention.varlen import varlen_attn  # lazy: public since torch 2.10
+
+    cu_q = cu_seqlens(tuple(q_seqlens), q.device)
+    cu_k = cu_seqlens(tuple(kv_seqlens), q.device)
+    out = varlen_attn(q[0], k[0], v[0], cu_q, cu_k, max(q_seqlens), max(kv_seqlens))  # [Nq, H, Dh]
+    return out.unsqueeze(0)
+
+
 def packed_attention(
     q: Tensor, k: Tensor, v: Tensor, q_seqlens: list[int], kv_seqlens: list[int], backend: str,
     key_valid: Tensor | None = None,
@@ -161,6 +233,8 @@ def packed_attention(
     """Attention of each packed query segment to its own key segment. q [1, Nq, H, Dh] -> [1, Nq, H, Dh]."""
     if key_valid is not None or backend == "reference":
         return reference_attention(q, k, v, dense_mask(q_seqlens, kv_seqlens, key_valid, q.device))
+    if backend == "varlen":
+        return varlen_packed(q, k, v, q_seqlens, kv_seqlens)
     if backend == "xformers":
         return xformers_packed(q, k, v, q_seqlens, kv_seqlens)
     return sdpa_packed(q, k, v, q_seqlens, kv_seqlens)
@@ -221,7 +295,11 @@ class SaberAttnProcessor:
             query = apply_rotary_emb(query, rotary_emb.cos, rotary_emb.sin)
             key = apply_rotary_emb(key, rotary_emb.cos, rotary_emb.sin)
 
-        backend = resolve_backend(self.backend, query.device)
+        if query.is_cuda and torch.is_autocast_enabled("cuda") and query.dtype == torch.float32:
+            # under autocast (DDP + bf16-mixed) the RMSNorm'd q/k are float32; SDPA would cast them itself
+            half = torch.get_autocast_dtype("cuda")
+            query, key, value = query.to(half), key.to(half), value.to(half)
+        backend = resolve_backend(self.backend, query.device, query.dtype)
         key_valid = packing.key_valid if context is None else None
         out = packed_attention(query, key, value, packing.seqlens, kv_seqlens, backend, key_valid)
         out = out.flatten(2, 3).type_as(query)

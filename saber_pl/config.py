@@ -86,6 +86,7 @@ class TrainerConfig:
     ckpt_every_n_steps: int = 200
     keep_top_k: int = 2  # checkpoints kept by val/loss (or the newest k without validation)
     max_nonfinite_in_row: int = 10  # consecutive non-finite losses before stopping with an error
+    collective_timeout_s: float = 600.0  # process-group timeout (ddp/fsdp2): a rank waiting longer on the others fails
     seed: int = 0
     deterministic: bool = False
 
@@ -98,6 +99,8 @@ class TrainerConfig:
             raise ConfigError(f"trainer.global_batch must be >= 1 or null, got {self.global_batch}")
         if isinstance(self.devices, str) and self.devices != "auto":
             raise ConfigError(f"trainer.devices must be an int or 'auto', got {self.devices!r}")
+        if self.collective_timeout_s <= 0:
+            raise ConfigError(f"trainer.collective_timeout_s must be > 0, got {self.collective_timeout_s}")
 
 
 @dataclass

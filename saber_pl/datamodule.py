@@ -19,6 +19,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from itertools import islice
 from typing import Any, Literal
 
@@ -31,6 +32,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from saber_pl.augment import AugmentConfig, ReferenceAugment
+from saber_pl.faults import dataloader_worker_init
 from saber_pl.masks import MaskConfig, MaskGenerator
 from saber_pl.paths import shipped_path
 from saber_pl.shuffle import bounded_shuffle
@@ -385,7 +387,8 @@ class SaberDataModule(L.LightningDataModule):
         ds = SaberStream(expand_shards(shards), self.cfg, self.mask_cfg, self.tokenize, rank, world, train)
         nw = self.cfg.num_workers
         return DataLoader(ds, batch_size=None, num_workers=nw, persistent_workers=train and nw > 0,
-                          pin_memory=torch.cuda.is_available(), prefetch_factor=2 if nw > 0 else None)
+                          pin_memory=torch.cuda.is_available(), prefetch_factor=2 if nw > 0 else None,
+                          worker_init_fn=partial(dataloader_worker_init, rank=rank) if nw > 0 else None)
 
     def train_dataloader(self) -> DataLoader:
         if not self.cfg.train_shards:

@@ -27,9 +27,9 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
+import torch.distributed as dist
 from diffusers import WanTransformer3DModel
 from safetensors import safe_open
 from torch import Tensor, nn
@@ -37,10 +37,11 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPO
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from saber_pl.config import ExperimentConfig
 from saber_pl.dit import SaberTransformer
 from saber_pl.wan import (
     ModelConfig, TextEncoder, VideoVAE, check_init, dit_folder, load_pretrained_frozen, load_tokenizer, rebuild_rope,
-    resolve_wan_dir, saber_kwargs, tokenize,
+    resolve_wan_dir, saber_dit, tokenize,
 )
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
 
 
-def sharded_dit_folder(cfg: Any) -> Path | None:
+def sharded_dit_folder(cfg: ExperimentConfig) -> Path | None:
     """`wan_dir/transformer` when this run builds the DiT on meta and loads its shards (fsdp2 + weights)."""
     return dit_folder(cfg.model) if cfg.trainer.strategy == "fsdp2" else None
 
@@ -60,9 +61,7 @@ def meta_dit(cfg: ModelConfig, folder: Path) -> SaberTransformer:
     check_init(cfg, config, folder)
     with torch.device("meta"):
         wan = WanTransformer3DModel.from_config(config)
-    dit = SaberTransformer(wan, **saber_kwargs(cfg))  # widens (T2V) or drops the image branch (I2V), on meta
-    dit.gradient_checkpointing = cfg.gradient_checkpointing
-    return dit
+    return saber_dit(cfg, wan)  # widens (T2V) or drops the image branch (I2V), on meta
 
 
 def weight_files(folder: Path) -> dict[str, Path]:
@@ -76,7 +75,7 @@ def weight_files(folder: Path) -> dict[str, Path]:
                             f"in slices; convert a .bin checkpoint to safetensors")
 
 
-def _named_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+def state_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     """(state-dict key, tensor) of every parameter and persistent buffer, checkpoint wrappers unwrapped."""
     for prefix, module in model.named_modules():
         skip = getattr(module, "_non_persistent_buffers_set", set())
@@ -130,28 +129,29 @@ def load_local_shards(model: SaberTransformer, folder: Path, device: str | torch
     """
     start = time.perf_counter()
     files = weight_files(folder)
-    ours = dict(_named_tensors(model.wan))
+    ours = dict(state_tensors(model.wan))
     missing = sorted(set(ours) - set(files))
     if missing:
         raise ValueError(f"{folder} lacks {len(missing)} DiT weight(s): {missing[:5]}")
     model.to_empty(device=device)
     read = 0
-    for key, tensor in _named_tensors(model.wan):  # after to_empty: the materialised tensors
+    for key, tensor in state_tensors(model.wan):  # after to_empty: the materialised tensors
         local, offset, _ = local_box(tensor)
         read += _read_local(local, offset, tuple(tensor.shape), files[key], key) * local.element_size()
     rebuild_rope(model)
-    log.info("loaded the local shards of %d DiT tensors from %s (%.2f GB) in %.1f s", len(ours), folder,
-             read / 1e9, time.perf_counter() - start)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        log.info("loaded the local shards of %d DiT tensors from %s (%.2f GB on rank 0) in %.1f s", len(ours),
+                 folder, read / 1e9, time.perf_counter() - start)
     return model
 
 
 @torch.no_grad()
 def copy_local_shards(model: SaberTransformer, source: SaberTransformer) -> SaberTransformer:
     """Materialise `model` (sharded like `source`) on source's device with a copy of source's local shards."""
-    theirs = dict(_named_tensors(source.wan))
+    theirs = dict(state_tensors(source.wan))
     device = source.wan.patch_embedding.weight.device
     model.to_empty(device=device)
-    for key, tensor in _named_tensors(model.wan):
+    for key, tensor in state_tensors(model.wan):
         dst, src = local_box(tensor)[0], local_box(theirs[key])[0]
         if dst.shape != src.shape:
             raise ValueError(f"{key}: local shard {tuple(dst.shape)} vs source {tuple(src.shape)}: shard alike")

@@ -114,10 +114,14 @@ def _role(name: str) -> str:
     return "time"  # time embedder and time projection: one row per clip
 
 
-@functools.lru_cache(maxsize=8)
 def dit_shape(model: ModelConfig) -> DitShape:
-    """The DiT of `model`, built on the meta device."""
-    return shape_of(meta_transformer(model))
+    """The DiT of `model`, built on the meta device (its parameters depend on the scale and the init only)."""
+    return _dit_shape(model.scale, model.init)
+
+
+@functools.lru_cache(maxsize=8)
+def _dit_shape(scale: str, init: str) -> DitShape:
+    return shape_of(meta_transformer(ModelConfig(scale=scale, init=init)))
 
 
 def shape_of(dit: nn.Module) -> DitShape:
@@ -126,7 +130,8 @@ def shape_of(dit: nn.Module) -> DitShape:
     cfg = wan.config
     keep = set(getattr(wan, "_keep_in_fp32_modules", None) or [])
     block = wan.blocks[0]
-    matmul = tuple((_role(n), m.weight.numel()) for n, m in dit.named_modules() if isinstance(m, (nn.Linear, nn.Conv3d)))
+    matmul = tuple((_role(n), m.weight.numel()) for n, m in dit.named_modules()
+                   if isinstance(m, (nn.Linear, nn.Conv3d)))
     return DitShape(
         shapes=tuple((n, tuple(p.shape)) for n, p in dit.named_parameters()),
         layers=cfg.num_layers, dim=cfg.num_attention_heads * cfg.attention_head_dim, ffn=cfg.ffn_dim,
@@ -136,14 +141,14 @@ def shape_of(dit: nn.Module) -> DitShape:
         matmul=matmul)
 
 
-def _frozen_modules(model: ModelConfig) -> tuple[nn.Module, nn.Module]:
+def _frozen_modules(scale: str) -> tuple[nn.Module, nn.Module]:
     """The frozen umT5 encoder and VideoVAE of a scale, on the meta device."""
     from diffusers import AutoencoderKLWan
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from saber_pl.wan import PixelAutoencoder, VideoVAE
+    from saber_pl.wan import SCALES, PixelAutoencoder, VideoVAE
 
-    spec = model.spec
+    spec = SCALES[scale]()
     with torch.device("meta"):
         encoder = UMT5EncoderModel(UMT5Config(**(UMT5_XXL if spec.pretrained else spec.umt5)))
         if "pixel" in spec.vae:
@@ -168,18 +173,19 @@ class FrozenCost:
 
 
 @functools.lru_cache(maxsize=64)
-def frozen_cost(model: ModelConfig, batch: int, frames: int, height: int, width: int, refs: int,
+def frozen_cost(scale: str, batch: int, frames: int, height: int, width: int, refs: int,
                 text_len: int, nbytes: int) -> FrozenCost:
     """Measure the frozen encoders of one micro-batch on the meta device (shapes only: seconds, no memory).
 
     The text encoder runs without its padding mask (transformers' mask builder needs data); same cost.
     """
     dtype = torch.bfloat16 if nbytes == 2 else torch.float32
-    encoder, vae = _frozen_modules(model)
+    encoder, vae = _frozen_modules(scale)
     encoder, vae = encoder.to(dtype), vae.to(dtype)
     peaks, flops = [], 0
-    runs = [lambda: vae.encode(torch.empty(batch, 3, frames, height, width, device="meta", dtype=dtype)),
-            lambda: vae.encode(torch.empty(batch * refs, 3, 1, height, width, device="meta", dtype=dtype)) if refs else None,
+    clip = functools.partial(torch.empty, device="meta", dtype=dtype)
+    runs = [lambda: vae.encode(clip(batch, 3, frames, height, width)),
+            lambda: vae.encode(clip(batch * refs, 3, 1, height, width)) if refs else None,
             lambda: encoder(torch.zeros(batch, text_len, dtype=torch.long, device="meta"))]
     for run in runs:
         live = LiveBytes()
@@ -205,6 +211,7 @@ class Tokens:
     frame_patches: int  # patches per latent frame (1,560 at 480x832)
     text: int  # text tokens per clip
     per_token: bool  # diffusers' per-token modulation path ([1, N, 6, D] fp32 per block)
+    time_rows: int = 1  # timestep rows per clip (2 with ref_timestep: zero)
 
     @property
     def clip(self) -> float:
@@ -229,22 +236,23 @@ def tokens(cfg: ExperimentConfig, spatial: int, temporal: int, worst: bool) -> T
         coverage = m.fixed_ratio
     else:
         coverage = sum(p * (lo + hi) / 2 for lo, hi, p in m.ratio_bins) / sum(p for *_, p in m.ratio_bins)
-    per_token = d.batch_size > 1 or (cfg.model.ref_timestep == "zero" and d.refs_max > 0)
-    return Tokens(d.batch_size, video, k * frame * coverage, k, frame, cfg.model.resolved_text_len, per_token)
+    zero = cfg.model.ref_timestep == "zero" and d.refs_max > 0
+    return Tokens(d.batch_size, video, k * frame * coverage, k, frame, cfg.model.resolved_text_len,
+                  d.batch_size > 1 or zero, 2 if zero else 1)
 
 
 # ----------------------------------------------------------------------------------------------- memory
 
 
 def shard_bytes(shapes: tuple[tuple[str, tuple[int, ...]], ...], world: int, nbytes: int) -> tuple[int, int]:
-    """(total, largest rank) bytes of `shapes` sharded FSDP2-style on dim 0 (rank 0 holds ceil(d0 / world) rows)."""
+    """(total, largest rank) bytes of `shapes` sharded as FSDP2 does, on dim 0: rank 0 holds ceil(d0 / world) rows."""
     total = sum(math.prod(s) for _, s in shapes) * nbytes
     rank0 = sum(min(-(-s[0] // world), s[0]) * math.prod(s[1:]) if s else 1 for _, s in shapes) * nbytes
     return total, rank0
 
 
 def block_saved(dit: DitShape, tok: Tokens, c: int, kernels: str, attn_backend: str) -> float:
-    """Bytes autograd saves in one WanTransformerBlock forward on the packed micro-batch (compute dtype `c` bytes).
+    """Bytes autograd saves in one WanTransformerBlock forward on the packed micro-batch (`c`: compute dtype bytes).
 
     Counted op by op from diffusers' block (norms and modulation in fp32, linears in the compute dtype):
     fp32: the inputs of norm1/norm2/norm3, the outputs of norm1/norm3 (multiplied by 1 + scale) and the FFN
@@ -288,7 +296,7 @@ def dit_activations(dit: DitShape, tok: Tokens, c: int, checkpointing: bool, ker
         terms = {"block inputs": inputs, "one block recomputed": recompute, "backward working set": work}
     else:
         patches = tok.batch * (tok.video + tok.refs_k * tok.frame_patches)  # before dropping reference tokens
-        embed = patches * c * (d + dit.in_channels * dit.patch_volume)  # z_in and the patch tokens, alive to the end
+        embed = patches * c * (d + dit.in_channels * dit.patch_volume)  # z_in and patch tokens, alive to the end
         terms = {"saved by every block": dit.layers * block, "output head": head, "patch embedding": embed}
     terms["text, RoPE, temb"] = shared
     terms["total"] = sum(terms.values())
@@ -321,6 +329,7 @@ class Plan:
     params: dict[str, int]
     state: dict[str, tuple[int, int]]  # name -> (total bytes, largest rank bytes)
     memory_gib: dict[str, float]  # per rank
+    activations_gib: dict[str, float]  # the DiT activations by term
     phases_gib: dict[str, float]
     peak_gib: float
     fits: bool
@@ -342,8 +351,9 @@ def precision_bytes(cfg: ExperimentConfig) -> tuple[int, int]:
     return (2 if p == "bf16-true" else FP32), (2 if p.startswith("bf16") else FP32)
 
 
-def make_plan(cfg: ExperimentConfig, world: int, gpu_mem_gib: float, mfu: float = 0.35, peak_tflops: float = 989.0,
-              headroom: float = 0.1, text_encoder: bool = True, overrides: tuple[str, ...] = ()) -> Plan:
+def make_plan(cfg: ExperimentConfig, world: int, gpu_mem_gib: float, mfu: float = 0.35,
+              peak_tflops: float = 989.0, headroom: float = 0.1, text_encoder: bool = True,
+              overrides: tuple[str, ...] = ()) -> Plan:
     """Memory per rank, FLOPs and step time of `cfg` on `world` GPUs of `gpu_mem_gib` GiB."""
     from saber_pl.train import accumulation
 
@@ -352,31 +362,32 @@ def make_plan(cfg: ExperimentConfig, world: int, gpu_mem_gib: float, mfu: float 
     d = cfg.data
     fsdp = cfg.trainer.strategy == "fsdp2"
     accum = accumulation(cfg, world)
-    probe = frozen_cost(cfg.model, d.batch_size, d.num_frames, d.height, d.width, d.refs_max,
+    probe = frozen_cost(cfg.model.scale, d.batch_size, d.num_frames, d.height, d.width, d.refs_max,
                         cfg.model.resolved_text_len, c)
     worst = tokens(cfg, probe.spatial, probe.temporal, worst=True)
     mean = tokens(cfg, probe.spatial, probe.temporal, worst=False)
 
-    # sharded (fsdp2) or replicated training state
-    shard_world = world if fsdp else 1
-    params = shard_bytes(dit.shapes, shard_world, master)
-    state = {"DiT parameters": params, "gradients": params,
-             "AdamW exp_avg + exp_avg_sq": tuple(2 * x for x in params)}
+    # training state: sharded on dim 0 over the ranks (fsdp2) or replicated; frozen encoders on every rank
+    params = shard_bytes(dit.shapes, world if fsdp else 1, master)
+    moments = (2 * params[0], 2 * params[1])  # exp_avg and exp_avg_sq, in the parameters' dtype
+    state = {"DiT parameters": params, "gradients": params, "AdamW exp_avg + exp_avg_sq": moments}
     if cfg.optim.ema:
         state["EMA"] = params
-    mem = {f"{k} ({'fp32' if master == FP32 else 'bf16'}{', sharded' if fsdp else ''})": v[1] for k, v in state.items()}
-    grads_key = next(k for k in mem if k.startswith("gradients"))
-    grads = mem.pop(grads_key)
-    frozen = {"umT5 encoder": probe.umt5_params * c if text_encoder else 0, "VAE": probe.vae_params * c}
+    how = f"{'fp32' if master == FP32 else 'bf16'}{', sharded' if fsdp else ''}"
+    mem = {f"{k} ({how})": v[1] for k, v in state.items()}
+    grads = params[1]
+    persistent = sum(mem.values()) - grads  # gradients exist from the first backward to the optimizer step
     dt = "bf16" if c == 2 else "fp32"
-    mem.update({f"{k} ({dt}, every rank)": v for k, v in frozen.items()})
-    persistent = sum(mem.values())
+    frozen = {f"umT5 encoder ({dt}, every rank)": probe.umt5_params * c if text_encoder else 0,
+              f"VAE ({dt}, every rank)": probe.vae_params * c}
+    mem.update(frozen)
+    persistent += sum(frozen.values())
 
     # transients of one micro-batch
     pixels = d.num_frames * d.height * d.width
-    batch_in = d.batch_size * 3 * (pixels + d.refs_max * d.height * d.width) * FP32 \
-        + d.batch_size * d.refs_max * d.height * d.width * FP32  # fp32 video, references, masks
-    encode = max(probe.video_peak, probe.refs_peak, probe.text_peak if text_encoder else 0)
+    batch_in = d.batch_size * (3 * pixels + 4 * d.refs_max * d.height * d.width) * FP32  # video, refs, masks
+    cast = d.batch_size * 3 * pixels * c if c != FP32 else 0  # encode_video's bf16 copy of the clip
+    encode = max(probe.video_peak + cast, probe.refs_peak, probe.text_peak if text_encoder else 0)
     act = dit_activations(dit, worst, c, cfg.model.gradient_checkpointing, "cuda", cfg.model.attn_backend)
     gathered = gathered_bytes(dit, c) if fsdp else 0
     extra = {}
@@ -384,12 +395,11 @@ def make_plan(cfg: ExperimentConfig, world: int, gpu_mem_gib: float, mfu: float 
         extra["DDP gradient buckets"] = params[1] if cfg.trainer.strategy == "ddp" and world > 1 else 0
         extra["autocast bf16 weight cache"] = dit.params * 2 if c == 2 and master == FP32 else 0
     optim_temp = params[1]  # foreach AdamW: sqrt(exp_avg_sq) of the local shards
-    mem.update({f"gradients ({'fp32' if master == FP32 else 'bf16'}{', sharded' if fsdp else ''})": grads,
-                "batch on the device (fp32)": batch_in, "VAE / umT5 encode (transient)": encode,
+    mem.update({"batch on the device (fp32)": batch_in, "VAE / umT5 encode (transient)": encode,
                 "all-gathered blocks in flight": gathered, "DiT activations": act["total"], **extra,
                 "AdamW step temporaries": optim_temp})
-    phases = {
-        "encode": persistent + batch_in + encode,
+    phases = {  # with accumulation the gradients of earlier micro-batches are there while encoding
+        "encode": persistent + (grads if accum > 1 else 0) + batch_in + encode,
         "forward + backward": persistent + grads + batch_in + gathered + act["total"] + sum(extra.values()),
         "optimizer step": persistent + grads + optim_temp,
     }
@@ -403,15 +413,16 @@ def make_plan(cfg: ExperimentConfig, world: int, gpu_mem_gib: float, mfu: float 
     rank_step = model_micro * accum
     step_time = rank_step / (mfu * peak_tflops * 1e12)
     flops = {"model per rank per step": rank_step, "hardware per rank per step": hw_micro * accum,
-             "model global per step": rank_step * world, "attention share": fl["attention"] / (fl["linear"] + fl["attention"]),
-             "frozen encoders per rank per step": probe.flops * accum}
+             "model global per step": rank_step * world, "frozen encoders per rank per step": probe.flops * accum,
+             "attention share": fl["attention"] / (fl["linear"] + fl["attention"])}
+    attn = "xformers (one call)" if cfg.model.attn_backend != "sdpa" else "SDPA per sample"
     assumptions = [
         f"memory: worst case K={d.refs_max} references per clip, every reference token valid "
         f"({worst.packed:,.0f} tokens per micro-batch)",
         f"time: expected K={mean.refs_k:g}, coverage {mean.refs / max(mean.refs_k * mean.frame_patches, 1):.2f} "
         f"({mean.packed:,.0f} tokens per micro-batch)",
-        f"GPU kernels: fused RMSNorm, {'xformers (one call)' if cfg.model.attn_backend != 'sdpa' else 'SDPA per sample'}"
-        " attention; headroom {:.0%} of the GPU memory for CUDA context, NCCL and fragmentation".format(headroom),
+        f"GPU kernels: fused RMSNorm, {attn} attention; headroom {headroom:.0%} of the GPU memory for the CUDA "
+        "context, NCCL and fragmentation",
         f"step time = model FLOPs / (MFU {mfu} x {peak_tflops:g} TFLOP/s)",
     ]
     if not text_encoder:
@@ -422,8 +433,11 @@ def make_plan(cfg: ExperimentConfig, world: int, gpu_mem_gib: float, mfu: float 
         tokens={"video per clip": worst.video, "references per clip (worst)": worst.refs,
                 "references per clip (expected)": mean.refs, "per micro-batch (worst)": worst.packed,
                 "per micro-batch (expected)": mean.packed},
-        params={"DiT": dit.params, "DiT block": dit.block_params, "umT5 encoder": probe.umt5_params, "VAE": probe.vae_params},
-        state=state, memory_gib={k: v / GiB for k, v in mem.items()}, phases_gib={k: v / GiB for k, v in phases.items()},
+        params={"DiT": dit.params, "DiT block": dit.block_params, "umT5 encoder": probe.umt5_params,
+                "VAE": probe.vae_params},
+        state=state, memory_gib={k: v / GiB for k, v in mem.items()},
+        activations_gib={k: v / GiB for k, v in act.items() if k != "total"},
+        phases_gib={k: v / GiB for k, v in phases.items()},
         peak_gib=peak / GiB, fits=peak / GiB <= usable, flops=flops, step_time_s=step_time, mfu=mfu,
         peak_tflops=peak_tflops, assumptions=assumptions, overrides=list(overrides))
 
@@ -434,11 +448,236 @@ def dit_flops(dit: DitShape, tok: Tokens) -> dict[str, float]:
     embedding, video tokens for the output), attention 4 x S^2 x D per clip and block, cross-attention
     4 x N x L x D per block."""
     text = tok.batch * tok.text
+    patches = tok.batch * (tok.video + tok.refs_k * tok.frame_patches)
     seen = {"block": tok.packed, "block text": text, "text": text, "video": tok.batch * tok.video,
-            "patches": tok.batch * (tok.video + tok.refs_k * tok.frame_patches), "time": tok.batch}
+            "patches": patches, "time": tok.batch * tok.time_rows}
     linear = {role: 0.0 for role in seen}
     for role, w in dit.matmul:
         linear[role] += 2 * w * seen[role]
     attention = dit.layers * 4 * dit.dim * (tok.batch * tok.clip**2 + tok.packed * tok.text)
     blocks = linear["block"] + linear["block text"] + attention  # what checkpointing recomputes
     return {"linear": sum(linear.values()), "attention": attention, "blocks": blocks}
+
+
+# ----------------------------------------------------------------------------------------------- verdict
+
+
+@dataclass(frozen=True)
+class Target:
+    """What is planned: an experiment, a scale, overrides, a cluster and the plan's own settings."""
+
+    exp: str
+    scale: str
+    overrides: tuple[str, ...]
+    gpus: int
+    gpu_mem_gib: float
+    mfu: float = 0.35
+    peak_tflops: float = 989.0
+    headroom: float = 0.1
+    text_encoder: bool = True
+
+    def plan(self) -> Plan:
+        cfg = load_config(self.exp, self.scale, list(self.overrides))
+        return make_plan(cfg, self.gpus, self.gpu_mem_gib, self.mfu, self.peak_tflops, self.headroom,
+                         self.text_encoder, self.overrides)
+
+    def but(self, *overrides: str, **changes: Any) -> Target:
+        """This target with more overrides (later ones win) and other fields changed."""
+        return dataclasses.replace(self, overrides=self.overrides + overrides, **changes)
+
+
+def _config(target: Target) -> ExperimentConfig:
+    return load_config(target.exp, target.scale, list(target.overrides))
+
+
+def _with_gpus(target: Target, gpus: int) -> Target:
+    """`target` on `gpus` GPUs; the global batch grows where the GPUs outnumber it."""
+    cfg = _config(target)
+    t = target.but(gpus=gpus)
+    gb = cfg.trainer.global_batch
+    if gb is not None and gb % (gpus * cfg.data.batch_size):
+        t = t.but(f"trainer.global_batch={gpus * cfg.data.batch_size}")
+    return t
+
+
+def _gpus_that_fit(target: Target, limit: int = 4096) -> Target | None:
+    """The fewest GPUs (doubling) on which `target` fits."""
+    gpus = target.gpus * 2
+    while gpus <= limit:
+        if (t := _with_gpus(target, gpus)).plan().fits:
+            return t
+        gpus *= 2
+    return None
+
+
+def _frames_that_fit(target: Target, cfg: ExperimentConfig) -> Target | None:
+    """The most frames (1 + 4k, fewer than now) with which `target` fits (binary search)."""
+    lo, hi = 0, (cfg.data.num_frames - 1) // 4 - 1  # k of 1 + 4k frames
+    best = None
+    while lo <= hi:
+        k = (lo + hi) // 2
+        t = target.but(f"data.num_frames={1 + 4 * k}")
+        if t.plan().fits:
+            best, lo = t, k + 1
+        else:
+            hi = k - 1
+    return best
+
+
+def knobs(target: Target) -> list[tuple[str, Target]]:
+    """Single changes that lower the peak, cheapest for the recipe first (each is a new Target)."""
+    cfg = _config(target)
+    out = []
+    if cfg.trainer.strategy != "fsdp2":
+        out.append(("shard with FSDP2", target.but("trainer.strategy=fsdp2")))
+    if cfg.optim.ema:
+        out.append(("drop the EMA", target.but("optim.ema=false")))
+    if not cfg.model.gradient_checkpointing:
+        out.append(("per-block activation checkpointing", target.but("model.gradient_checkpointing=true")))
+    if cfg.data.batch_size > 1:
+        extra = () if cfg.trainer.global_batch else (
+            f"trainer.accumulate_grad_batches={cfg.trainer.accumulate_grad_batches * cfg.data.batch_size}",)
+        out.append(("batch 1 per GPU, more accumulation (same global batch)", target.but("data.batch_size=1", *extra)))
+    if target.text_encoder:
+        out.append(("precomputed text embeddings (needs code: umT5 runs on every GPU today)",
+                    target.but(text_encoder=False)))
+    return out
+
+
+def verdict(target: Target, base: Plan | None = None) -> list[dict[str, Any]]:
+    """The knobs that make a target fit: each alone, or (when none does) the cheapest combination."""
+    base = base or target.plan()
+    if base.fits:
+        return []
+    cfg = _config(target)
+    found = []
+
+    def add(label: str, t: Target | None, combined: bool = False) -> None:
+        if t is not None:
+            p = t.plan()
+            found.append({"knob": label, "gpus": t.gpus, "overrides": list(t.overrides[len(target.overrides):]),
+                          "text_encoder": t.text_encoder, "peak_gib": round(p.peak_gib, 1), "fits": p.fits,
+                          "step_time_s": round(p.step_time_s, 1), "combined": combined})
+
+    for label, t in knobs(target):
+        if t.plan().fits:
+            add(label, t)
+    if (t := _gpus_that_fit(target)) is not None:
+        add(f"more GPUs: {t.gpus}", t)
+    if (t := _frames_that_fit(target, cfg)) is not None:
+        add(f"shorter clips: {_config(t).data.num_frames} frames", t)
+    if found:
+        return found
+    # nothing alone: stack the cheap knobs, then the fewest GPUs (doubling) with the most frames that fit
+    stacked, labels = target, []
+    for label, _ in knobs(target):
+        stacked = dict(knobs(stacked)).get(label, stacked)
+        labels.append(label)
+        if stacked.plan().fits:
+            break
+    if not stacked.plan().fits:
+        gpus = stacked.gpus
+        while gpus <= 4096:
+            wider = _with_gpus(stacked, gpus)
+            shorter = wider if wider.plan().fits else _frames_that_fit(wider, _config(wider))
+            if shorter is not None:
+                frames = _config(shorter).data.num_frames
+                stacked = shorter
+                labels += ([f"{gpus} GPUs"] if gpus != target.gpus else []) + (
+                    [f"{frames} frames"] if frames != cfg.data.num_frames else [])
+                break
+            gpus *= 2
+    add(" + ".join(labels), stacked, combined=True)
+    return found
+
+
+# ----------------------------------------------------------------------------------------------- output
+
+
+def _fmt(x: float) -> str:
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.2f}"
+
+
+def table(p: Plan) -> str:
+    """The plan as a readable text table."""
+    lines = [f"plan: {p.exp} at {p.scale} on {p.world} GPU(s) x {p.gpu_mem_gib:g} GiB "
+             f"(usable {p.usable_gib:.1f} GiB)" + (f"  overrides: {' '.join(p.overrides)}" if p.overrides else ""),
+             f"  batch {p.batch} x {p.world} GPUs x accumulate {p.accumulation} = global batch {p.global_batch}",
+             "  parameters: " + ", ".join(f"{k} {v:,}" for k, v in p.params.items()),
+             "  tokens: " + ", ".join(f"{k} {_fmt(v)}" for k, v in p.tokens.items()),
+             "", f"  {'memory per rank':58s} {'GiB':>8s}"]
+    for k, v in p.memory_gib.items():
+        lines.append(f"  {k:58s} {v:8.2f}")
+        if k == "DiT activations":
+            lines += [f"    {a:56s} {b:8.2f}" for a, b in p.activations_gib.items()]
+    lines += [""] + [f"  peak of {k:50s} {v:8.2f}" for k, v in p.phases_gib.items()]
+    lines += [f"  {'peak':58s} {p.peak_gib:8.2f}  of {p.usable_gib:.1f} usable", ""]
+    f = p.flops
+    model, hw, frozen = (f[k] / 1e15 for k in ("model per rank per step", "hardware per rank per step",
+                                                 "frozen encoders per rank per step"))
+    lines += [f"  model FLOPs per optimizer step (3 x the DiT forward): {model:.2f} PFLOP per rank, "
+              f"{f['model global per step'] / 1e18:.3f} EFLOP global; attention {f['attention share']:.0%}",
+              f"  hardware FLOPs (+ recompute forward, + frozen encoders {frozen:.2f} PFLOP): {hw:.2f} PFLOP "
+              f"per rank (HFU {p.mfu * hw / model:.2f})",
+              f"  step time {p.step_time_s:.3g} s at MFU {p.mfu} of {p.peak_tflops:g} TFLOP/s: "
+              f"{p.global_batch / p.step_time_s:.2f} clips/s global", ""]
+    lines += [f"  assumes {a}" for a in p.assumptions]
+    lines.append("")
+    if p.fits:
+        lines.append(f"verdict: FITS ({p.peak_gib:.1f} of {p.usable_gib:.1f} GiB usable per GPU, "
+                     f"{p.usable_gib - p.peak_gib:.1f} GiB to spare)")
+    else:
+        lines.append(f"verdict: DOES NOT FIT ({p.peak_gib:.1f} GiB needed, {p.usable_gib:.1f} usable per GPU)")
+        for k in p.knobs:
+            how = " ".join(k["overrides"] + ([f"--gpus {k['gpus']}"] if k["gpus"] != p.world else [])
+                           + ([] if k["text_encoder"] else ["(no umT5 on the GPU)"]))
+            state = "fits" if k["fits"] else "still does not fit"
+            lines.append(f"  {'together' if k['combined'] else 'alone'}: {k['knob']}: {k['peak_gib']} GiB, {state}"
+                         f", step {k['step_time_s']} s   [{how}]")
+        if not p.knobs:
+            lines.append("  no knob tried makes it fit")
+    return "\n".join(lines)
+
+
+def as_json(p: Plan) -> str:
+    d = dataclasses.asdict(p)
+    d["state"] = {k: {"total_bytes": v[0], "rank_bytes": v[1]} for k, v in p.state.items()}
+    return json.dumps(d, separators=(",", ":"))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--exp", default="saber_full", help="experiment (experiments/<exp>.yaml)")
+    p.add_argument("--scale", default="14B", help="scale (experiments/scales/<scale>.yaml)")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs in the job (default: trainer.devices x num_nodes)")
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="memory per GPU in GiB (80 for H100 80GB)")
+    p.add_argument("--mfu", type=float, default=0.35, help="model FLOPs utilisation assumed for the step time")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (H100/H200: 989)")
+    p.add_argument("--headroom", type=float, default=0.1, help="fraction of the GPU memory kept free")
+    p.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
+    p.add_argument("overrides", nargs="*", help="config overrides key.sub=value (as saber_pl.train)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.exp, args.scale, args.overrides)
+        gpus = args.gpus
+        if gpus is None:
+            if not isinstance(cfg.trainer.devices, int):
+                raise ConfigError("trainer.devices is 'auto': pass --gpus N (GPUS=N)")
+            gpus = cfg.trainer.devices * cfg.trainer.num_nodes
+        target = Target(args.exp, args.scale, tuple(args.overrides), gpus, args.gpu_mem, args.mfu,
+                        args.peak_tflops, args.headroom)
+        plan = target.plan()
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    plan.knobs = verdict(target, plan)
+    print(as_json(plan) if args.json else table(plan))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -19,6 +19,7 @@ import argparse
 import logging
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -103,9 +104,11 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path) -> Any:
     import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor, Timer
     from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.strategies import DDPStrategy
 
     from saber_pl.callbacks import MediaLogger
     from saber_pl.checkpoint import AtomicModelParallelStrategy, SaberCheckpoint
+    from saber_pl.faults import FailFast, Preemption
 
     t = cfg.trainer
     on_gpu = torch.cuda.is_available() and t.accelerator != "cpu"
@@ -113,7 +116,10 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path) -> Any:
     if t.strategy == "fsdp2":
         # Pure data parallelism over every process (FSDP2 sharding), no tensor parallelism.
         strategy: Any = AtomicModelParallelStrategy(data_parallel_size=world_size(t, on_gpu), tensor_parallel_size=1,
-                                                    save_distributed_checkpoint=True)
+                                                    save_distributed_checkpoint=True,
+                                                    timeout=timedelta(seconds=t.collective_timeout_s))
+    elif t.strategy == "ddp":
+        strategy = DDPStrategy(timeout=timedelta(seconds=t.collective_timeout_s))
     else:
         strategy = t.strategy
     validate = t.val_every_n_steps is not None and cfg.data.val_shards is not None
@@ -124,7 +130,8 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path) -> Any:
         monitor="val/loss" if validate else "step", mode="min" if validate else "max",
         save_on_train_epoch_end=False)
     callbacks = [ckpt, LearningRateMonitor(logging_interval="step"),
-                 MediaLogger(cfg.logging.image_every_n_steps, cfg.logging.val_videos, cfg.logging.val_fps)]
+                 MediaLogger(cfg.logging.image_every_n_steps, cfg.logging.val_videos, cfg.logging.val_fps),
+                 FailFast(), Preemption(ckpt)]
     if t.max_time_minutes is not None:
         callbacks.append(Timer(duration={"minutes": t.max_time_minutes}, interval="step"))
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="tb", default_hp_metric=False)

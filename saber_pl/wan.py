@@ -45,7 +45,8 @@ class ModelConfig:
     wan_dir: str | None = None  # diffusers Wan2.1 folder (transformer/ vae/ text_encoder/ tokenizer/); or $WAN_DIR
     init: Literal["t2v", "i2v", "random"] = "t2v"  # DiT weights: Wan T2V (widened 16->36), Wan I2V, or random
     ref_timestep: Literal["shared", "zero"] = "shared"  # reference tokens' timestep: the clip's, or 0 (ours)
-    attn_backend: Literal["auto", "xformers", "sdpa"] = "auto"  # packed attention kernel (auto: xformers on CUDA)
+    # packed attention kernel; auto: varlen (FlashAttention-2, sm80+, bf16), else xformers, else sdpa (the CPU)
+    attn_backend: Literal["auto", "varlen", "xformers", "sdpa"] = "auto"
     ref_attn_mask: bool = True  # False = `no_attn_mask` ablation: every token of a real reference is attended
     valid_threshold: float = 0.5  # a reference token is kept when its patch's mean mask coverage >= this (ours)
     mask_threshold: float = 0.5  # mask channels = latent-pixel coverage >= this (ours)
@@ -62,8 +63,8 @@ class ModelConfig:
             raise ValueError(f"init must be 't2v', 'i2v' or 'random', got {self.init!r}")
         if self.ref_timestep not in ("shared", "zero"):
             raise ValueError(f"ref_timestep must be 'shared' or 'zero', got {self.ref_timestep!r}")
-        if self.attn_backend not in ("auto", "xformers", "sdpa"):
-            raise ValueError(f"attn_backend must be 'auto', 'xformers' or 'sdpa', got {self.attn_backend!r}")
+        if self.attn_backend not in ("auto", "varlen", "xformers", "sdpa"):
+            raise ValueError(f"attn_backend must be 'auto', 'varlen', 'xformers' or 'sdpa', got {self.attn_backend!r}")
         for name in ("valid_threshold", "mask_threshold"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -16,17 +18,19 @@ from saber_pl import loading
 from saber_pl.config import load_config
 from saber_pl.wan import SCALES, i2v_dit, saber_dit
 
+ROOT = Path(__file__).resolve().parent.parent
 WORLD = 2
 # T2V through the real-scale branch (frozen parts from the folder), I2V through tiny + an explicit wan_dir
 CASES = {"t2v": ("1.3B", ["model.text_len=8"]), "i2v": ("tiny", ["model.init=i2v"])}
 
 
 def write_folder(root: Path, i2v: bool) -> None:
-    """A tiny Wan2.1 diffusers folder; the DiT in several safetensors files (with an index), and an odd
-    FFN width so FSDP2's last shard is uneven (129 rows: 65 + 64); `scale_shift_table` (1 row) leaves
-    rank 1 an empty shard."""
+    """A tiny Wan2.1 diffusers folder: the T2V DiT in several safetensors files with an index, the I2V one
+    in one file. An odd FFN width makes FSDP2's last shard uneven (129 rows: 65 + 64), and
+    `scale_shift_table` (1 row) leaves rank 1 an empty shard."""
     dit = {**SCALES["tiny"]().dit, "ffn_dim": 129}
-    WanTransformer3DModel(**(i2v_dit(dit) if i2v else dit)).save_pretrained(root / "transformer", max_shard_size="200KB")
+    shard = {} if i2v else {"max_shard_size": "100KB"}
+    WanTransformer3DModel(**(i2v_dit(dit) if i2v else dit)).save_pretrained(root / "transformer", **shard)
     AutoencoderKLWan(**SCALES["tiny"]().vae).save_pretrained(root / "vae")
     UMT5EncoderModel(UMT5Config(**SCALES["tiny"]().umt5)).save_pretrained(root / "text_encoder")
     ByT5Tokenizer().save_pretrained(root / "tokenizer")
@@ -112,20 +116,20 @@ def worker(rank: int, tmp: str) -> None:
         read = torch.tensor(CountingOpen.read)
         dist.all_reduce(read)
         assert read.item() == ref["file_elements"] and 0 < CountingOpen.read < ref["file_elements"] * 0.6
-        params = dict(loading._named_tensors(module.dit.wan))
+        params = dict(loading.state_tensors(module.dit.wan))
         rows = {k: loading.local_box(params[k])[0].shape[0] for k in ("blocks.0.ffn.net.0.proj.bias", "scale_shift_table")}
         assert rows == ({"blocks.0.ffn.net.0.proj.bias": 65, "scale_shift_table": 1} if rank == 0
                         else {"blocks.0.ffn.net.0.proj.bias": 64, "scale_shift_table": 0})
 
         # (a) every gathered parameter equals the single-process from_pretrained (+ widen / drop) model
-        ema = dict(loading._named_tensors(module.dit_ema.wan))
+        ema = dict(loading.state_tensors(module.dit_ema.wan))
         assert set(params) == set(ema) == set(ref["state"])
         for key in sorted(params):
             full = params[key].full_tensor()
             assert full.dtype == torch.float32 and torch.equal(full, ref["state"][key]), key
             assert torch.equal(ema[key].full_tensor(), full), key
-            assert loading.local_box(ema[key])[0].data_ptr() != loading.local_box(params[key])[0].data_ptr() or \
-                params[key].to_local().numel() == 0, f"{key}: EMA shares the DiT's storage"
+            mine, theirs = loading.local_box(ema[key])[0], loading.local_box(params[key])[0]
+            assert mine.numel() == 0 or mine.data_ptr() != theirs.data_ptr(), f"{key}: the EMA aliases the DiT"
         assert not any(p.requires_grad for p in module.dit_ema.parameters())
         # the RoPE tables were rebuilt and FSDP2 computes with the loaded shards
         for dit in (module.dit, module.dit_ema):
@@ -142,7 +146,7 @@ def test_two_ranks_load_their_own_shards(tmp_path: Path) -> None:
         kept = saber_dit(cfg.model, wan)  # the single-process path: from_pretrained, widen / drop image branch
         state = {k: v.detach().clone() for k, v in kept.wan.state_dict().items()}
         files = loading.weight_files(root / "transformer")
-        assert len(set(files.values())) > 1, "the DiT must be split over several safetensors files"
+        assert len(set(files.values())) == (1 if name == "i2v" else 3), "both layouts: one file, shards + index"
         original = WanTransformer3DModel.from_pretrained(root / "transformer").state_dict()
         file_elements = sum(original[k].numel() for k in state)
         if name == "t2v":
@@ -176,3 +180,32 @@ def test_frozen_parts_load_in_the_compute_dtype_on_the_device(tmp_path: Path, mo
     assert all(p.dtype == torch.bfloat16 for p in frozen.vae.parameters())
     ids, mask = frozen.tokenize(["a cat"])
     assert frozen.text_encoder.encode(ids, mask).dtype == torch.bfloat16
+
+
+def test_trainer_starts_from_the_folder(tmp_path: Path) -> None:
+    """The real trainer (2 gloo ranks, fsdp2, bf16-mixed, EMA) at 1.3B settings from a tiny folder: its first
+    checkpoint holds the folder's weights in the DiT and the EMA (lr 1e-30: the one step changes nothing
+    above 1e-20, so the checkpoint shows the start-up weights)."""
+    root = tmp_path / "wan"
+    write_folder(root, i2v=False)
+    cmd = [sys.executable, "-m", "saber_pl.train", "--exp", "saber_full", "--scale", "1.3B", "--wan-dir", str(root),
+           "--shards", "data/test/tiny-000000.tar", f"logging.runs_dir={tmp_path}", "trainer.accelerator=cpu",
+           "trainer.devices=2", "trainer.strategy=fsdp2", "trainer.precision=bf16-mixed", "trainer.global_batch=2",
+           "trainer.max_steps=1", "trainer.ckpt_every_n_steps=1", "optim.ema=true", "optim.lr=1e-30",
+           "data.height=32", "data.width=32", "data.num_frames=5", "data.num_workers=0", "model.text_len=16"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "loaded the local shards" in out.stderr
+
+    from saber_pl.export import checkpoint_state
+
+    cfg = load_config("saber_full", "1.3B", [f"model.wan_dir={root}"])
+    want = saber_dit(cfg.model, WanTransformer3DModel.from_pretrained(root / "transformer")).wan.state_dict()
+    template = {f"{prefix}.wan.{k}": torch.empty_like(v) for k, v in want.items() for prefix in ("dit", "dit_ema")}
+    state = checkpoint_state(tmp_path / "saber_full-1.3B" / "checkpoints" / "last.ckpt", template)
+    for key, value in want.items():
+        for prefix in ("dit", "dit_ema"):
+            got = state[f"{prefix}.wan.{key}"]
+            assert got.dtype == torch.float32, key  # fp32 master weights
+            torch.testing.assert_close(got, value, atol=1e-20, rtol=0, msg=f"{prefix}.{key}")
