@@ -13,8 +13,9 @@ Under ``strategy: fsdp2`` with the DiT's weights in a Wan folder (1.3B/14B, or a
 shard covers (`safe_open(...).get_slice(key)[rows]`, FSDP2's `Shard(0)` rows, uneven last shard), in the
 parameter's dtype (fp32 master weights). A T2V patch embedding (C input channels) fills the first C
 channels of Saber's 2C+4 and the rest is zero (dit.widen_patch_embedding); an I2V folder's image branch is
-never read (dit.drop_image_branch). Each tensor is read under its own `safe_open`, so the pages it maps
-are released before the next one (a file kept open stays mapped, counted in the process's RSS).
+never read (dit.drop_image_branch). Rows are read in chunks of `CHUNK_BYTES`, each under its own
+`safe_open`, so the file pages a read maps are released before the next (an open file's touched pages
+count in the process's RSS).
 The frozen VAE and umT5 of a real scale are loaded lazily, in the run's compute dtype straight onto the
 rank's device (`LazyFrozenParts`).
 """
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
+CHUNK_BYTES = 16 << 20  # rows read per safe_open: bounds the file pages mapped at once
 
 
 def sharded_dit_folder(cfg: ExperimentConfig) -> Path | None:
@@ -105,20 +107,34 @@ def _widened(key: str, file_shape: tuple[int, ...], shape: tuple[int, ...]) -> b
 
 @torch.no_grad()
 def _read_local(local: Tensor, offset: tuple[int, ...], global_shape: tuple[int, ...], path: Path, key: str) -> int:
-    """Fill `local` (the block at `offset` of a `global_shape` tensor) from `key` in `path`; returns elements read."""
-    with safe_open(path, framework="pt", device="cpu") as f:  # one tensor per open: its pages unmap after
-        part = f.get_slice(key)
-        file_shape = tuple(part.get_shape())
-        if file_shape != global_shape and not _widened(key, file_shape, global_shape):
-            raise ValueError(f"{path}: {key} has shape {file_shape}, the model expects {global_shape}")
-        box = tuple(slice(min(o, n), min(o + s, n)) for o, s, n in zip(offset, local.shape, file_shape))
-        sizes = [b.stop - b.start for b in box]
-        if list(sizes) != list(local.shape):
-            local.zero_()  # channels the file does not have (widened patch embedding) start at zero
-        if local.numel() == 0 or 0 in sizes:
-            return 0
-        local[tuple(slice(0, s) for s in sizes)].copy_(part[box])  # cast to the parameter's dtype on copy
-        return int(torch.Size(sizes).numel())
+    """Fill `local` (the block at `offset` of a `global_shape` tensor) from `key` in `path`; returns elements read.
+
+    Rows are read in chunks of about `CHUNK_BYTES`, each under its own `safe_open`: the file pages a read
+    maps count in the process's RSS until the file is closed.
+    """
+    with safe_open(path, framework="pt", device="cpu") as f:
+        file_shape = tuple(f.get_slice(key).get_shape())
+    if file_shape != global_shape and not _widened(key, file_shape, global_shape):
+        raise ValueError(f"{path}: {key} has shape {file_shape}, the model expects {global_shape}")
+    box = [slice(min(o, n), min(o + s, n)) for o, s, n in zip(offset, local.shape, file_shape)]
+    sizes = [b.stop - b.start for b in box]
+    if sizes != list(local.shape):
+        local.zero_()  # channels the file does not have (widened patch embedding) start at zero
+    if local.ndim == 0:  # a scalar: nothing to shard
+        with safe_open(path, framework="pt", device="cpu") as f:
+            local.copy_(f.get_tensor(key))
+        return 1
+    if 0 in sizes:
+        return 0
+    dst = local[tuple(slice(0, n) for n in sizes)]
+    rows = max(1, CHUNK_BYTES // (dst[0].numel() * local.element_size()))
+    for first in range(0, sizes[0], rows):
+        end = min(first + rows, sizes[0])
+        with safe_open(path, framework="pt", device="cpu") as f:
+            src = f.get_slice(key)[(slice(box[0].start + first, box[0].start + end), *box[1:])]
+            dst[first:end].copy_(src)  # cast to the parameter's dtype on copy
+            del src
+    return int(torch.Size(sizes).numel())
 
 
 def load_local_shards(model: SaberTransformer, folder: Path, device: str | torch.device) -> SaberTransformer:

@@ -87,11 +87,11 @@ def test_activation_figure_matches_the_measured_peak(checkpointing: bool, batch:
     live = LiveBytes()  # every tensor storage made during forward + backward: activations, temporaries, grads
     with live:
         model(*inputs).pow(2).mean().backward()
-    grads = sum(p.numel() * p.element_size() for p in model.parameters())
+    grads = sum(p.numel() * p.element_size() for p in model.parameters())  # ~2% here; some exist at the peak
     tok = Tokens(batch, video=5 * 256, refs=2 * 256, refs_k=2, frame_patches=256, text=16, per_token=batch > 1)
     # fp32 on the CPU: composite RMSNorm and one SDPA call per packed sample (the planner's "cpu" kernels)
     act = dit_activations(shape_of(model), tok, c=4, checkpointing=checkpointing, kernels="cpu", attn_backend="sdpa")
-    assert 0.75 < (act["total"] + grads) / live.peak < 1.25, (act, live.peak)
+    assert 0.75 * live.peak < act["total"] + grads and act["total"] < 1.25 * live.peak, (act, live.peak)
 
 
 def test_flops_match_torch_flop_counter() -> None:
