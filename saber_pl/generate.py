@@ -282,6 +282,9 @@ class Generator:
         self.defaults = defaults or VideoSpec()
         self.device = dit.wan.patch_embedding.weight.device
         self.dtype = dit.wan.patch_embedding.weight.dtype  # compute dtype (some norms stay float32)
+        # umT5-xxl is 11.4 GB in bf16: on a GPU it leaves the device once the prompts are encoded, so the
+        # DiT's passes have the memory (moved back for the next call's prompts).
+        self.offload_text_encoder = self.device.type == "cuda"
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, wan_dir: str | None = None, device: str | torch.device = "cpu",
@@ -307,9 +310,18 @@ class Generator:
     # ------------------------------------------------------------------ encoding
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Tensor:
-        """umT5 embeddings, zero past each prompt  # [B, L, D]."""
+        """umT5 embeddings, zero past each prompt  # [B, L, D] on the DiT's device."""
+        if next(self.text_encoder.parameters()).device != self.device:
+            self.text_encoder.to(self.device)
         ids, mask = self.text_encoder.tokenize(list(prompts))
-        return self.text_encoder.encode(ids, mask).to(self.dtype)
+        return self.text_encoder.encode(ids, mask).to(self.device, self.dtype)
+
+    def release_text_encoder(self) -> None:
+        """Move umT5 off the GPU (to host memory) when `offload_text_encoder`; a no-op otherwise."""
+        if self.offload_text_encoder:
+            self.text_encoder.to("cpu")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     @torch.no_grad()
     def encode_references(self, refs: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
@@ -351,6 +363,7 @@ class Generator:
         b = len(prompts)
         text = self.encode_prompts(prompts)  # [B, L, D]
         neg = self.encode_prompts([negative_prompt]).expand(b, -1, -1)  # [B, L, D]
+        self.release_text_encoder()  # before the DiT's passes: they are the memory peak
         ref_lat = ref_cov = counts = None
         if k:
             lat, cov = self.encode_references(refs, masks)

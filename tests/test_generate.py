@@ -366,3 +366,22 @@ def test_split_guidance_passes_equal_one_packed_batch() -> None:
     torch.testing.assert_close(out[True], out[False], atol=1e-5, rtol=1e-5)
     no_refs = sample_latents(dit, shape, text, neg, None, None, None, packed, progress=False, noise=noise)
     assert (no_refs - out[True]).abs().max() > 1e-3  # the references did take part
+
+
+def test_text_encoder_leaves_the_device_before_the_dit_runs(run_dir, images):
+    """With offloading (the default on CUDA) umT5 is moved off the device after the prompts are encoded and
+    before the first DiT pass, and back for the next call; the video is the same as without offloading."""
+    gen = Generator.from_checkpoint(run_dir)
+    refs, masks = prepare_references([Reference(str(images["rgba"]))], ReferenceConfig(height=32, width=32))
+    video, sampler = VideoSpec(32, 32, 5, 8.0), SamplerConfig(steps=2)
+    plain = gen.generate(["a dog"], refs, masks, video, sampler, progress=False)
+    events: list[str] = []
+    real_to = gen.text_encoder.to
+    gen.text_encoder.to = lambda *a, **k: (events.append(f"text.to({a[0] if a else k})"), real_to(*a, **k))[1]
+    gen.dit.register_forward_pre_hook(lambda *a: events.append("dit") if "dit" not in events else None)
+    gen.offload_text_encoder = True
+    for _ in range(2):
+        out = gen.generate(["a dog"], refs, masks, video, sampler, progress=False)
+    assert torch.equal(out, plain)
+    assert events.index("text.to(cpu)") < events.index("dit")
+    assert events.count("text.to(cpu)") == 2
