@@ -317,6 +317,8 @@ def gathered_bytes(dit: DitShape, c: int) -> float:
 
 @dataclass
 class Plan:
+    """Everything `make plan` prints (memory in GiB per rank, FLOPs per optimizer step); `--json` dumps it."""
+
     exp: str
     scale: str
     world: int
@@ -477,8 +479,7 @@ class Target:
     text_encoder: bool = True
 
     def plan(self) -> Plan:
-        cfg = load_config(self.exp, self.scale, list(self.overrides))
-        return make_plan(cfg, self.gpus, self.gpu_mem_gib, self.mfu, self.peak_tflops, self.headroom,
+        return make_plan(_config(self), self.gpus, self.gpu_mem_gib, self.mfu, self.peak_tflops, self.headroom,
                          self.text_encoder, self.overrides)
 
     def but(self, *overrides: str, **changes: Any) -> Target:
@@ -537,7 +538,8 @@ def knobs(target: Target) -> list[tuple[str, Target]]:
     if cfg.data.batch_size > 1:
         extra = () if cfg.trainer.global_batch else (
             f"trainer.accumulate_grad_batches={cfg.trainer.accumulate_grad_batches * cfg.data.batch_size}",)
-        out.append(("batch 1 per GPU, more accumulation (same global batch)", target.but("data.batch_size=1", *extra)))
+        out.append(("batch 1 per GPU, more accumulation (same global batch)",
+                    target.but("data.batch_size=1", *extra)))
     if target.text_encoder:
         out.append(("precomputed text embeddings (needs code: umT5 runs on every GPU today)",
                     target.but(text_encoder=False)))
