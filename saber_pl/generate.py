@@ -393,10 +393,13 @@ class Generator:
                               negative_prompt, batch_size, save_extras, progress)
 
 
-def generate_files(gen: Generator, prompts: list[str], refs: Tensor, masks: Tensor, out: str | Path,
+def generate_files(gen: Generator, prompts: list[str], refs: Tensor | None, masks: Tensor | None, out: str | Path,
                    video: VideoSpec, sampler: SamplerConfig, seed: int = 0, negative_prompt: str = "",
                    batch_size: int = 1, save_extras: bool = True, progress: bool = True) -> list[Path]:
-    """Generate `prompts` in batches of `batch_size` (prompt i seeded with seed + i) and write the files."""
+    """Generate `prompts` in batches of `batch_size` (prompt i seeded with seed + i) and write the files.
+
+    refs / masks None = text-only: no reference images are written and the grid has no reference row.
+    """
     paths = output_paths(out, len(prompts))
     videos = []
     for i in range(0, len(prompts), batch_size):
@@ -406,7 +409,8 @@ def generate_files(gen: Generator, prompts: list[str], refs: Tensor, masks: Tens
             write_video(v, paths[i + j], video.fps)
         videos.append(chunk)
     if save_extras:
-        save_references(refs, masks, out)
+        if refs is not None:
+            save_references(refs, masks, out)
         save_grid(refs, torch.cat(videos), grid_path(out))
     return paths
 
@@ -446,15 +450,15 @@ def write_video(video: Tensor, path: str | Path, fps: float) -> Path:
     return path
 
 
-def save_grid(refs: Tensor, videos: Tensor, path: str | Path, frames: int = 4, pad: int = 2) -> Path:
+def save_grid(refs: Tensor | None, videos: Tensor, path: str | Path, frames: int = 4, pad: int = 2) -> Path:
     """PNG: the references in the first row, then `frames` evenly spaced frames of each video per row.
 
-    refs [K, 3, H, W], videos [B, 3, F, H, W], both in [-1, 1] at the same size. Written by hand: torchvision
+    refs [K, 3, H, W] (None: no reference row), videos [B, 3, F, H, W], both in [-1, 1] at the same size. Written by hand: torchvision
     (`make_grid`) is not available here and the layout is a few lines.
     """
     h, w = videos.shape[-2:]
     idx = np.linspace(0, videos.shape[2] - 1, min(frames, videos.shape[2])).round().astype(int)
-    rows = [list(refs)] + [[v[:, i] for i in idx] for v in videos]
+    rows = ([list(refs)] if refs is not None else []) + [[v[:, i] for i in idx] for v in videos]
     cols = max(len(r) for r in rows)
     canvas = torch.full((3, len(rows) * (h + pad) + pad, cols * (w + pad) + pad), 255, dtype=torch.uint8)
     for r, row in enumerate(rows):
@@ -561,9 +565,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         prompts = read_prompts(args.prompt, args.prompts_file)
-        if not args.ref:
-            raise ValueError("no reference: give --ref PATH[:subject|:scene] (repeatable)")
-        refs = attach_masks([parse_ref(r) for r in args.ref], args.mask)
+        refs = attach_masks([parse_ref(r) for r in args.ref], args.mask)  # none = text-only (T2V)
         source = resolve_checkpoint(args.ckpt, args.wan_dir)
         check_source(source, args.raw)
         video, sampler = request_from_args(args, source)
@@ -571,7 +573,9 @@ def main(argv: list[str] | None = None) -> int:
         limits.check(video, len(refs))
         refs_cfg = ReferenceConfig(height=video.height, width=video.width, birefnet_dir=args.birefnet_dir,
                                    device=args.device, max_references=limits.max_refs)
-        ref_images, ref_masks = prepare_references(refs, refs_cfg)  # segmentation: empty masks fail here
+        ref_images = ref_masks = None  # no --ref: text-only, the model keeps its T2V ability
+        if refs:
+            ref_images, ref_masks = prepare_references(refs, refs_cfg)  # segmentation: empty masks fail here
     except (FileNotFoundError, ValueError) as err:  # ConfigError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -180,24 +180,27 @@ class LazyFrozenParts:
     straight onto the rank's device in the run's compute dtype, never float32 on the CPU first.
 
     The same interface as module.FrozenParts (`vae`, `text_encoder`, `tokenize`, `to`); the tokenizer is
-    loaded at once, for the dataloader workers.
+    loaded at once, for the dataloader workers. `text_encoder=False` (data.text=precomputed): neither umT5
+    nor its tokenizer is read (`text_encoder` and `tokenize` are None; the folder needs only `vae/`).
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
-        self.root = resolve_wan_dir(cfg, ("vae", "text_encoder", "tokenizer"))
+    def __init__(self, cfg: ModelConfig, text_encoder: bool = True) -> None:
+        self.root = resolve_wan_dir(cfg, ("vae", "text_encoder", "tokenizer") if text_encoder else ("vae",))
         self.text_len = cfg.resolved_text_len
-        self.tokenizer = load_tokenizer(self.root)
-        self.tokenize = functools.partial(tokenize, self.tokenizer, text_len=self.text_len)
-        self._parts: tuple[VideoVAE, TextEncoder] | None = None
+        self.with_text = text_encoder
+        self.tokenizer = load_tokenizer(self.root) if text_encoder else None
+        self.tokenize = functools.partial(tokenize, self.tokenizer, text_len=self.text_len) if text_encoder else None
+        self._parts: tuple[VideoVAE, TextEncoder | None] | None = None
 
     def to(self, device: torch.device, dtype: torch.dtype) -> None:
         if self._parts is None:
             self._parts = load_pretrained_frozen(self.root, self.text_len, dtype, device=device, vae_dtype=dtype,
-                                                 tokenizer=self.tokenizer)
+                                                 tokenizer=self.tokenizer, text_encoder=self.with_text)
         for part in self._parts:
-            part.to(device=device, dtype=dtype)
+            if part is not None:
+                part.to(device=device, dtype=dtype)
 
-    def _loaded(self) -> tuple[VideoVAE, TextEncoder]:
+    def _loaded(self) -> tuple[VideoVAE, TextEncoder | None]:
         if self._parts is None:  # used before any `to`: on the CPU in float32
             self.to(torch.device("cpu"), torch.float32)
         return self._parts
@@ -207,5 +210,5 @@ class LazyFrozenParts:
         return self._loaded()[0]
 
     @property
-    def text_encoder(self) -> TextEncoder:
-        return self._loaded()[1]
+    def text_encoder(self) -> TextEncoder | None:
+        return self._loaded()[1] if self.with_text else None

@@ -339,6 +339,7 @@ class Plan:
     step_time_s: float
     mfu: float
     peak_tflops: float
+    generation_gib: dict[str, float] = field(default_factory=dict)  # one GPU, generate.py
     assumptions: list[str] = field(default_factory=list)
     knobs: list[dict[str, Any]] = field(default_factory=list)
     overrides: list[str] = field(default_factory=list)
@@ -351,6 +352,63 @@ def precision_bytes(cfg: ExperimentConfig) -> tuple[int, int]:
     if p == "auto":
         p = "32-true" if cfg.trainer.accelerator == "cpu" else "bf16-mixed"
     return (2 if p == "bf16-true" else FP32), (2 if p.startswith("bf16") else FP32)
+
+
+@functools.lru_cache(maxsize=16)
+def vae_decode_peak(scale: str, frames: int, height: int, width: int, nbytes: int) -> int:
+    """Bytes alive at the peak of decoding one generated video (measured on the meta device)."""
+    dtype = torch.bfloat16 if nbytes == 2 else torch.float32
+    _, vae = _frozen_modules(scale)
+    vae = vae.to(dtype)
+    latent = (1, vae.latent_channels, 1 + (frames - 1) // vae.temporal_factor, height // vae.spatial_factor,
+              width // vae.spatial_factor)
+    live = LiveBytes()
+    with torch.no_grad(), live:
+        vae.decode(torch.empty(latent, device="meta", dtype=dtype))
+    return live.peak
+
+
+def dit_inference_peak(dit: DitShape, tok: Tokens, c: int) -> float:
+    """Bytes alive inside one no-grad block forward: the residual stream (compute dtype) and its fp32 norm,
+    q, k, v and the attention output, the FFN hidden and its gelu (2 x N x ffn), per-token modulation
+    ([N, 6, D] fp32 plus 1 + scale / shift temporaries) when the batch has more than one sample."""
+    nd = tok.packed * dit.dim
+    peak = 2 * FP32 * nd + 5 * c * nd + 2 * c * tok.packed * dit.ffn
+    if tok.per_token:
+        peak += 6 * c * nd + 2 * 6 * FP32 * nd  # the [N, 6, D] temb, and its fp32 copy + sum in one block
+    return peak + tok.batch * tok.text * dit.dim * c + 2 * tok.packed * dit.head_dim * FP32
+
+
+def generation_memory(cfg: ExperimentConfig, dit: DitShape, probe: FrozenCost, c: int) -> dict[str, float]:
+    """One-GPU generation (generate.py: bf16 weights with diffusers' fp32 modules, umT5 offloaded once the
+    prompts are encoded, CFG as one b = 1 DiT pass per branch): bytes by term and the peak of each phase."""
+    d = cfg.data
+    weights = (dit.params - dit.layers * dit.block_fp32_params) * c + dit.layers * dit.block_fp32_params * FP32
+    one = tokens(cfg, probe.spatial, probe.temporal, worst=True)
+    one = dataclasses.replace(one, batch=1, per_token=cfg.model.ref_timestep == "zero" and d.refs_max > 0)
+    packed = dataclasses.replace(one, batch=2, per_token=True)  # cond + uncond as one 2-sample batch
+    latents = 6 * one.video * dit.in_channels * dit.patch_volume * FP32  # z, v, UniPC history (a few copies)
+    umt5 = probe.umt5_params * c
+    vae = probe.vae_params * c
+    terms = {
+        "DiT weights (bf16, fp32 norms / modulation)": weights,
+        "umT5 encoder (while encoding the prompts)": umt5,
+        "VAE": vae,
+        "DiT pass, b = 1 per branch": dit_inference_peak(dit, one, c),
+        "DiT pass, cond + uncond as one batch (not used)": dit_inference_peak(dit, packed, c),
+        "latents and sampler state": latents,
+        "VAE decode of one video": vae_decode_peak(cfg.model.scale, d.num_frames, d.height, d.width, c),
+    }
+    phases = {
+        "peak encoding the prompts": weights + vae + umt5 + probe.text_peak,
+        "peak sampling (umT5 offloaded)": weights + vae + latents + terms["DiT pass, b = 1 per branch"],
+        "peak decoding": weights + vae + latents + terms["VAE decode of one video"],
+    }
+    out = {k: v / GiB for k, v in {**terms, **phases}.items()}
+    out["peak"] = max(phases.values()) / GiB
+    out["peak if umT5 stayed and CFG were one batch"] = (
+        weights + vae + umt5 + latents + terms["DiT pass, cond + uncond as one batch (not used)"]) / GiB
+    return out
 
 
 def make_plan(cfg: ExperimentConfig, world: int, gpu_mem_gib: float, mfu: float = 0.35,
@@ -441,7 +499,8 @@ def make_plan(cfg: ExperimentConfig, world: int, gpu_mem_gib: float, mfu: float 
         activations_gib={k: v / GiB for k, v in act.items() if k != "total"},
         phases_gib={k: v / GiB for k, v in phases.items()},
         peak_gib=peak / GiB, fits=peak / GiB <= usable, flops=flops, step_time_s=step_time, mfu=mfu,
-        peak_tflops=peak_tflops, assumptions=assumptions, overrides=list(overrides))
+        peak_tflops=peak_tflops, assumptions=assumptions, overrides=list(overrides),
+        generation_gib=generation_memory(cfg, dit, probe, 2 if c == 2 or cfg.trainer.accelerator != 'cpu' else c))
 
 
 def dit_flops(dit: DitShape, tok: Tokens) -> dict[str, float]:
@@ -623,6 +682,11 @@ def table(p: Plan) -> str:
               f"per rank (HFU {p.mfu * hw / model:.2f})",
               f"  step time {p.step_time_s:.3g} s at MFU {p.mfu} of {p.peak_tflops:g} TFLOP/s: "
               f"{p.global_batch / p.step_time_s:.2f} clips/s global", ""]
+    if p.generation_gib:
+        lines += [f"  {'generation on one GPU (make generate)':58s} {'GiB':>8s}"]
+        lines += [f"  {k:58s} {v:8.2f}" for k, v in p.generation_gib.items()]
+        verdict = "fits" if p.generation_gib["peak"] <= p.usable_gib else "does not fit"
+        lines += [f"  generation {verdict} on one {p.gpu_mem_gib:g} GiB GPU", ""]
     lines += [f"  assumes {a}" for a in p.assumptions]
     lines.append("")
     if p.fits:

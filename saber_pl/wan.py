@@ -330,7 +330,7 @@ class Components:
 
     transformer: SaberTransformer
     vae: VideoVAE
-    text_encoder: TextEncoder
+    text_encoder: TextEncoder | None  # None with data.text=precomputed: umT5 never built
     tokenizer: Any
 
 
@@ -452,37 +452,44 @@ def load_tokenizer(root: Path) -> Any:
 
 
 def load_pretrained_frozen(root: Path, text_len: int, dtype: torch.dtype, device: str | torch.device = "cpu",
-                           vae_dtype: torch.dtype = torch.float32, tokenizer: Any = None) -> tuple[VideoVAE, TextEncoder]:
+                           vae_dtype: torch.dtype = torch.float32, tokenizer: Any = None,
+                           text_encoder: bool = True) -> tuple[VideoVAE, TextEncoder | None]:
     """The frozen Wan VAE (`vae_dtype`) and umT5 encoder (`dtype`) + tokenizer of a local Wan2.1 folder,
-    loaded straight onto `device` in their dtype (no float32 CPU copy first: umT5-xxl is 23 GB in fp32)."""
+    loaded straight onto `device` in their dtype (no float32 CPU copy first: umT5-xxl is 23 GB in fp32).
+    `text_encoder=False` (data.text=precomputed) never reads umT5: the encoder is None."""
     device_map = {"": str(torch.device(device))}
     vae_model = AutoencoderKLWan.from_pretrained(root / "vae", torch_dtype=vae_dtype, device_map=device_map,
                                                  local_files_only=True)
     vae = VideoVAE(vae_model, vae_model.config.latents_mean, vae_model.config.latents_std)
+    if not text_encoder:
+        return vae.to(device), None
     encoder = UMT5EncoderModel.from_pretrained(root / "text_encoder", dtype=dtype, device_map=device_map,
                                                local_files_only=True)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(root)
     return vae.to(device), TextEncoder(encoder, tokenizer, text_len)
 
 
-def build_components(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Components:
+def build_components(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                     text_encoder: bool = True) -> Components:
     """Build (tiny/mini) or load (1.3B/14B from wan_dir) the DiT, VAE, text encoder and tokenizer.
 
     Every component is whole in this process: FSDP2 runs load the DiT in slices instead (loading.py).
+    `text_encoder=False` (data.text=precomputed) never builds or reads umT5 nor its tokenizer (both None).
     """
     spec = cfg.spec
     text_len = cfg.resolved_text_len
     if spec.pretrained:
-        needed = ("vae", "text_encoder", "tokenizer") + (("transformer",) if cfg.init != "random" else ())
+        needed = ("vae",) + (("text_encoder", "tokenizer") if text_encoder else ()) + (
+            ("transformer",) if cfg.init != "random" else ())
         root = resolve_wan_dir(cfg, needed)
         wan = _pretrained_wan(cfg, root, dtype)
-        vae, text_encoder = load_pretrained_frozen(root, text_len, dtype)
-        encoder, tokenizer = text_encoder.encoder, text_encoder.tokenizer
+        vae, encoded = load_pretrained_frozen(root, text_len, dtype, text_encoder=text_encoder)
+        encoder, tokenizer = (encoded.encoder, encoded.tokenizer) if encoded is not None else (None, None)
     else:
         with torch.random.fork_rng(devices=[]):  # same random weights on every rank
             torch.manual_seed(cfg.seed)
             wan = random_wan(spec.dit, cfg.init)  # built even when loaded below: the umT5 draws come after it
-            encoder = UMT5EncoderModel(UMT5Config(**spec.umt5))
+            encoder = UMT5EncoderModel(UMT5Config(**spec.umt5)) if text_encoder else None
         if (folder := dit_folder(cfg)) is not None:
             wan = _load_wan(cfg, folder.parent, dtype)
         if "pixel" in spec.vae:
@@ -495,10 +502,11 @@ def build_components(cfg: ModelConfig, device: str | torch.device = "cpu", dtype
                 torch.manual_seed(cfg.seed + 1)
                 vae_model = AutoencoderKLWan(**spec.vae)
             vae = VideoVAE(vae_model, vae_model.config.latents_mean, vae_model.config.latents_std)
-        tokenizer = ByT5Tokenizer()
-        wan, encoder = _cast(wan, dtype), _cast(encoder, dtype)
+        tokenizer = ByT5Tokenizer() if text_encoder else None
+        wan = _cast(wan, dtype)
+        encoder = _cast(encoder, dtype) if encoder is not None else None
     if vae.latent_channels != wan.config.out_channels:
         raise ValueError(f"VAE has {vae.latent_channels} latent channels, DiT {wan.config.out_channels}")
     transformer = saber_dit(cfg, wan)
-    text_encoder = TextEncoder(encoder, tokenizer, text_len)
-    return Components(transformer.to(device), vae.to(device), text_encoder.to(device), tokenizer)
+    text = TextEncoder(encoder, tokenizer, text_len).to(device) if encoder is not None else None
+    return Components(transformer.to(device), vae.to(device), text, tokenizer)

@@ -175,7 +175,6 @@ BAD_INPUTS = {
     "missing checkpoint": (["--ref", "{rgba}", "--ckpt", "{d}/no_run"], "checkpoint not found: .*no_run"),
     "missing mask": (["--ref", "{photo}", "--mask", "{d}/m.png"], "mask file not found: .*m.png"),
     "mask on a scene": (["--ref", "{scene}:scene", "--mask", "{photo_mask}"], "scene reference"),
-    "no reference": ([], "no reference"),
     "bad out": (["--ref", "{rgba}", "--out", "{d}/x.gif"], "--out must end in .mp4"),
 }
 

@@ -15,7 +15,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from saber_pl.config import load_config
 from saber_pl.dit import SaberTransformer
-from saber_pl.plan import LiveBytes, Target, Tokens, dit_activations, dit_flops, main, make_plan, shape_of
+from saber_pl.plan import (LiveBytes, Target, Tokens, dit_activations, dit_flops, dit_inference_peak, main,
+                           make_plan, shape_of)
 from saber_pl.wan import _small_dit, random_wan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,3 +126,23 @@ def test_verdicts_of_the_14b_recipe(capsys: pytest.CaptureFixture) -> None:
     assert best["fits"] and best["gpus"] > 8 and "GPUs" in best["knob"]
     fixed = Target("saber_full", "14B", tuple(best["overrides"]), best["gpus"], 24, text_encoder=best["text_encoder"])
     assert fixed.plan().fits
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_generation_pass_figure_matches_the_measured_peak(batch: int) -> None:
+    """The no-grad DiT pass of generation: b = 1 (split CFG passes) and b = 2 (per-token modulation)."""
+    model = _small_model(False)
+    inputs = _inputs(batch)
+    live = LiveBytes()
+    with torch.no_grad(), live:
+        model(*inputs)
+    tok = Tokens(batch, video=5 * 256, refs=2 * 256, refs_k=2, frame_patches=256, text=16, per_token=batch > 1)
+    est = dit_inference_peak(shape_of(model), tok, c=4)
+    assert 0.75 * live.peak < est < 1.25 * live.peak, (est, live.peak)
+
+
+def test_14b_generation_fits_one_80gb_gpu_and_offload_plus_split_passes_save_memory() -> None:
+    gen = make_plan(load_config("saber_full", "14B"), world=64, gpu_mem_gib=80).generation_gib
+    assert gen["peak"] < 80 * 0.9
+    assert gen["peak if umT5 stayed and CFG were one batch"] > gen["peak"] + 25
+    assert gen["DiT pass, cond + uncond as one batch (not used)"] > 4 * gen["DiT pass, b = 1 per branch"]
