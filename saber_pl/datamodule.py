@@ -2,7 +2,10 @@
 
 Per sample, in the DataLoader worker: decode a clip (video.py), pick K in [refs_min, refs_max]
 frames of it as references and draw K masks (masks.py), tokenize and drop captions for CFG.
-``source="triplets"`` reads the references and masks stored with the sample instead. On the device,
+``source="triplets"`` reads the references and masks stored with the sample instead. With
+``text="precomputed"`` / ``latents="cached"`` the umT5 embeddings / the clip's VAE latents (and a few of
+its frames, the reference pool) come from sidecar shards joined by key (sidecars.py), so the training
+ranks never run umT5 nor the 81-frame VAE encode. On the device,
 ``on_after_batch_transfer`` turns uint8 into [-1, 1] and runs the reference augmentation
 (augment.py) batched. Bad input (corrupt or short videos, broken tars, missing members) is skipped
 and counted per reason; the counts travel with every batch and ``skip_counts()`` sums them.
@@ -36,10 +39,11 @@ from saber_pl.faults import dataloader_worker_init
 from saber_pl.masks import MaskConfig, MaskGenerator
 from saber_pl.paths import shipped_path
 from saber_pl.shuffle import bounded_shuffle
+from saber_pl.sidecars import LATENT_MEMBER, TEXT_MEMBER, caption_digest, joined_samples, load_empty_text, read_tensor
 from saber_pl.video import VIDEO_EXTENSIONS, VideoError, decode_clip
 
 SKIP_REASONS = ("broken_tar", "missing_video", "missing_caption", "corrupt_video", "undecodable_frame",
-                "too_short", "bad_reference")
+                "too_short", "bad_reference", "missing_text", "missing_latent")
 COUNTED = (*SKIP_REASONS, "empty_caption")  # empty captions are kept (unconditional samples) but counted
 Tokenize = Callable[[list[str]], tuple[Tensor, Tensor]]
 
@@ -51,6 +55,12 @@ class DataConfig:
     train_shards: str | None = None  # path, brace pattern or URL (pipe:...); several joined by '::' or ','
     val_shards: str | None = None  # same, for validation (None = no validation data)
     source: Literal["video_text", "triplets"] = "video_text"  # triplets: references stored in the sample
+    # online: umT5 on every rank encodes each caption; precomputed: embeddings from text_sidecars (no umT5)
+    text: Literal["online", "precomputed"] = "online"
+    text_sidecars: str | None = None  # folder or URL with {name} of data/precompute_text.py's output
+    # online: the VAE encodes each decoded clip; cached: the first window's latents + 8 of its frames
+    latents: Literal["online", "cached"] = "online"
+    latent_sidecars: str | None = None  # folder or URL with {name} of data/cache_latents.py's output
     num_frames: int = 81  # frames per clip (paper: 81)
     fps: float = 16.0  # clip frame rate, sampled from the source fps by frame-index stepping (paper: 16)
     height: int = 480  # clip height after resize + centre crop (paper: 480)
@@ -98,6 +108,18 @@ class DataConfig:
             raise ValueError(f"data.source must be 'video_text' or 'triplets', got {self.source!r}")
         if self.split not in ("auto", "shard", "sample"):
             raise ValueError(f"data.split must be 'auto', 'shard' or 'sample', got {self.split!r}")
+        if self.text not in ("online", "precomputed") or self.latents not in ("online", "cached"):
+            raise ValueError(f"data.text must be 'online' or 'precomputed' and data.latents 'online' or 'cached', "
+                             f"got {self.text!r}, {self.latents!r}")
+        if self.text == "precomputed" and not self.text_sidecars:
+            raise ValueError("data.text=precomputed needs data.text_sidecars (the folder data/precompute_text.py wrote)")
+        if self.latents == "cached" and not self.latent_sidecars:
+            raise ValueError("data.latents=cached needs data.latent_sidecars (the folder data/cache_latents.py wrote)")
+
+    def sidecar_templates(self) -> list[str]:
+        """The sidecar locations joined to every shard (text first, then latents)."""
+        return [t for t, on in ((self.text_sidecars, self.text == "precomputed"),
+                                (self.latent_sidecars, self.latents == "cached")) if on and t]
 
 
 def expand_shards(spec: str) -> list[str]:
