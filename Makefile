@@ -19,7 +19,8 @@ EMBEDDED := data/embedded/.complete
 TRAIN_FLAGS = --exp $(EXP) --scale $(SCALE) $(if $(WAN_DIR),--wan-dir '$(WAN_DIR)') \
 	$(if $(SHARDS),--shards '$(SHARDS)') $(if $(VAL_SHARDS),--val-shards '$(VAL_SHARDS)') $(ARGS)
 
-.PHONY: install train ablate test test-all data tensorboard export generate eval bench bench-mini dry-run plan clean
+.PHONY: install train ablate test test-all data tensorboard export generate eval bench bench-mini dry-run plan clean \
+	precompute-text cache-latents
 
 # An editable install of the package (pyproject.toml: setuptools; setup.cfg: metadata, dependencies,
 # package data) with the test extra, the standard `pip install -e` route a GPU user takes too. torch is
@@ -54,6 +55,16 @@ GPUS ?=
 GPU_MEM ?= 80
 plan: $(STAMP)
 	$(PY) -m saber_pl.plan --exp $(EXP) --scale $(SCALE) $(if $(GPUS),--gpus $(GPUS)) --gpu-mem $(GPU_MEM) $(ARGS)
+
+# Only the DiT on the training GPUs (docs/data.md): umT5 embeddings and first-window VAE latents, once, as sidecar
+# shards; then train with data.text=precomputed data.text_sidecars=DIR / data.latents=cached data.latent_sidecars=DIR.
+#   make precompute-text SCALE=14B WAN_DIR=... SHARDS=... ARGS='--out /data/text'   (torchrun: shards dealt out)
+TOOL_FLAGS = --exp $(EXP) --scale $(SCALE) $(if $(WAN_DIR),--wan-dir '$(WAN_DIR)') $(if $(SHARDS),--shards '$(SHARDS)') $(ARGS)
+precompute-text: $(STAMP)
+	$(PY) data/precompute_text.py $(TOOL_FLAGS)
+
+cache-latents: $(STAMP)
+	$(PY) data/cache_latents.py $(TOOL_FLAGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

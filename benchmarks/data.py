@@ -1,12 +1,17 @@
 """Data loading throughput: clip decoding per worker, and the whole DataModule on the embedded set.
 
     PYTHONPATH=. .venv/bin/python benchmarks/data.py [--clips 6] [--batches 30]
+    PYTHONPATH=. .venv/bin/python benchmarks/data.py --mode cached [--batches 30]
 
 clips_per_s_per_worker: 81 frames at 16 fps, 480x832, decoded (seek + frame stepping) in one process
 with one FFmpeg thread from a 6 s 832x480 24 fps h264 mp4 made here with av.
 samples_per_s: data/embedded (or, if absent, 128 clips built into a temporary folder) through
 SaberDataModule with 2 workers: decode 33 frames at 16 fps, 128x128, K in 1..3 masks, batch 4,
 then on_after_batch_transfer (the reference augmentation) on the CPU.
+--mode cached: samples/s of ONE worker with cached latents + precomputed embeddings (data.latents=cached,
+data.text=precomputed: no decode, no umT5 or VAE in the loop) against one online worker (decode + tokenize),
+same data and batches; the sidecars are made first by data/precompute_text.py and data/cache_latents.py at
+scale mini (33 frames at 16 fps, 128x128) over the first 2 embedded shards (or the temporary set).
 """
 
 from __future__ import annotations
@@ -75,12 +80,87 @@ def datamodule_rate(batches: int, tmp: Path) -> tuple[float, str]:
     return rate, used
 
 
+def _tool(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "data" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def worker_rate(cfg: DataConfig, tokenize, text_len: int | None, batches: int) -> float:
+    """Samples/s of one DataLoader worker (batches after the warm-up), augmentation on the CPU included."""
+    dm = SaberDataModule(cfg, MaskConfig(), AugmentConfig(), tokenize, text_len=text_len)
+    it = iter(dm.train_dataloader())
+    for _ in range(3):
+        dm.on_after_batch_transfer(next(it), 0)
+    t0 = time.perf_counter()
+    n = sum(len(dm.on_after_batch_transfer(next(it), 0)["key"]) for _ in range(batches))
+    rate = n / (time.perf_counter() - t0)
+    del it
+    return rate
+
+
+def cached_mode(batches: int, tmp: Path) -> dict:
+    """One worker online vs one worker on cached latents + precomputed text, same shards and batches."""
+    from saber_pl.config import load_config
+    from saber_pl.sidecars import EMPTY
+    from saber_pl.wan import build_components
+
+    emb = ROOT / "data" / "embedded"
+    if (emb / ".complete").exists():
+        pattern, used = str(emb / "train-{000000..000001}.tar"), "data/embedded (2 shards, 256 clips)"
+    else:
+        build_embedded(tmp, num_train=128, num_val=0, workers=2, maxcount=32, progress=False)
+        pattern, used = str(tmp / "train-{000000..000003}.tar"), "temporary 128-clip embedded set"
+    over = ["data.num_frames=33", "data.fps=16.0", "data.height=128", "data.width=128"]
+    common = ["--scale", "mini", "--shards", pattern, "--no-progress", "--device", "cpu", *over]
+    import contextlib
+    import sys
+
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):  # the tools' own JSON lines: this script prints one line
+        _tool("precompute_text").main([*common, "--out", str(tmp / "text")])
+        t1 = time.perf_counter()
+        _tool("cache_latents").main([*common, "--out", str(tmp / "latents")])
+    t2 = time.perf_counter()
+    model = load_config("saber_full", "mini", over).model
+    text_len = model.resolved_text_len
+    tokenizer = build_components(model).tokenizer
+    from functools import partial
+
+    from saber_pl.wan import tokenize
+
+    base = DataConfig(train_shards=pattern, num_frames=33, fps=16.0, height=128, width=128, batch_size=4,
+                      num_workers=1, shuffle_buffer=64)
+    online = worker_rate(base, partial(tokenize, tokenizer, text_len=text_len), None, batches)
+    cached_cfg = DataConfig(**{**base.__dict__, "text": "precomputed", "text_sidecars": str(tmp / "text"),
+                               "latents": "cached", "latent_sidecars": str(tmp / "latents")})
+    cached = worker_rate(cached_cfg, None, text_len, batches)
+    size = lambda d: sum(f.stat().st_size for f in (tmp / d).glob("*.tar"))  # noqa: E731
+    n = len(list((tmp / "latents").glob("*.tar")))
+    return {"mode": "cached", "data": used, "workers": 1, "frames": 33, "size": "128x128", "batch": 4,
+            "refs": "1..3", "augment": "cpu",
+            "online_samples_per_s_per_worker": round(online, 2), "cached_samples_per_s_per_worker": round(cached, 2),
+            "speedup": round(cached / online, 2), "sidecar_shards": n,
+            "text_sidecar_mb": round(size("text") / 1e6, 2), "latent_sidecar_mb": round(size("latents") / 1e6, 2),
+            "empty_embedding": (tmp / "text" / EMPTY).is_file(),
+            "precompute_text_s": round(t1 - t0, 1), "cache_latents_s": round(t2 - t1, 1)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mode", choices=["online", "cached"], default="online",
+                   help="online: decode rate + DataModule; cached: one worker on sidecars vs one online")
     p.add_argument("--clips", type=int, default=6, help="clips decoded for the per-worker rate")
     p.add_argument("--batches", type=int, default=30, help="batches timed through the DataModule")
     a = p.parse_args()
     torch.set_num_threads(1)
+    if a.mode == "cached":
+        with tempfile.TemporaryDirectory() as tmp:
+            print(json.dumps(cached_mode(a.batches, Path(tmp))))
+        return
     data = source_video()
     per_worker = decode_rate(data, a.clips)
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,9 +1,11 @@
 """Checkpoint safety: atomic sharded checkpoints under FSDP2, ``last.ckpt`` as a link, finding the resume point.
 
-Single-file checkpoints are already written atomically by Lightning (``_atomic_save`` writes through
-an fsspec transaction: temp file, then move). Lightning's ``ModelParallelStrategy`` writes its
-distributed-checkpoint *folder* in place, so a kill during the write would leave a half folder
-where the previous checkpoint was. ``AtomicModelParallelStrategy`` writes into ``<name>.tmp`` and
+Single-file checkpoints are written by Lightning through an fsspec transaction (``_atomic_save``: a
+temp file in the system temp folder, then a move, which is a copy when that folder is on another
+filesystem). Either way ``last.ckpt`` only moves to a checkpoint after its write has finished, so a
+kill mid-write leaves at worst an unlinked partial step file. Lightning's ``ModelParallelStrategy``
+writes its distributed-checkpoint *folder* in place, so a kill during the write would leave a half
+folder where the previous checkpoint was. ``AtomicModelParallelStrategy`` writes into ``<name>.tmp`` and
 swaps folders only after every rank finished, so the previous checkpoint stays usable.
 
 Each step's state is written once: ``last.ckpt`` is a relative symlink to the step checkpoint

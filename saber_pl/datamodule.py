@@ -194,37 +194,93 @@ def _reference_members(raw: dict) -> list[str]:
     return [k for _, k in sorted(refs)]
 
 
-class SampleMaker:
-    """Raw tar members -> one training sample (decoded clip, references, masks, caption)."""
+def caption_of(raw: dict) -> str | None:
+    """A raw sample's caption as training reads it (None: no `txt` member); the text tool encodes the same."""
+    return raw["txt"].decode("utf-8", errors="replace").strip() if "txt" in raw else None
 
-    def __init__(self, cfg: DataConfig, mask_cfg: MaskConfig) -> None:
+
+class SampleMaker:
+    """Raw tar members -> one training sample (decoded clip or cached latents, references, masks, caption,
+    and with precomputed text the caption's stored embedding [L_i, D])."""
+
+    def __init__(self, cfg: DataConfig, mask_cfg: MaskConfig, text_len: int | None = None) -> None:
         self.cfg = cfg
         self.masks = MaskGenerator(mask_cfg)
+        self.text_len = text_len
+        self._empty_text: Tensor | None = None
 
     def __call__(self, raw: dict, rng: np.random.Generator, counter: SkipCounter) -> dict:
         cfg = self.cfg
+        key = raw.get("__key__", "?")
+        cached = cfg.latents == "cached"
         ext = next((e for e in VIDEO_EXTENSIONS if e in raw), None)
-        if ext is None:
-            raise SkipSample("missing_video", raw.get("__key__", "?"))
-        if "txt" not in raw:
-            raise SkipSample("missing_caption", raw.get("__key__", "?"))
-        caption = raw["txt"].decode("utf-8", errors="replace").strip()
-        try:
-            video = decode_clip(raw[ext], cfg.num_frames, cfg.fps, cfg.height, cfg.width, rng=rng,
-                                threads=cfg.decode_threads)  # [F, 3, H, W]
-        except VideoError as exn:
-            raise SkipSample(exn.reason, str(exn)) from exn
-        except Exception as exn:  # anything else FFmpeg/PyAV throws at a broken file: never stop training
-            raise SkipSample("corrupt_video", repr(exn)) from exn
+        if ext is None and not cached:
+            raise SkipSample("missing_video", key)
+        caption = caption_of(raw)
+        if caption is None:
+            raise SkipSample("missing_caption", key)
+        text = self._stored_text(raw, caption) if cfg.text == "precomputed" else None
+        if cached:  # the first window's latents; references are drawn from its stored frames
+            latent, frames = self._cached_clip(raw)
+            sample: dict[str, Any] = {"latent": latent}  # [C, f, h, w]
+        else:
+            try:
+                frames = decode_clip(raw[ext], cfg.num_frames, cfg.fps, cfg.height, cfg.width, rng=rng,
+                                     threads=cfg.decode_threads)  # [F, 3, H, W]
+            except VideoError as exn:
+                raise SkipSample(exn.reason, str(exn)) from exn
+            except Exception as exn:  # anything else FFmpeg/PyAV throws at a broken file: never stop training
+                raise SkipSample("corrupt_video", repr(exn)) from exn
+            sample = {"video": frames}
         if cfg.source == "triplets":
             refs, masks = self._stored_references(raw, rng)
         else:
-            refs, masks = self._frame_references(video, rng)
+            refs, masks = self._frame_references(frames, rng)
         if not caption:
             counter.note("empty_caption")
         if cfg.caption_dropout > 0 and rng.random() < cfg.caption_dropout:
             caption = ""
-        return {"key": raw["__key__"], "video": video, "ref_frames": refs, "ref_masks": masks, "caption": caption}
+            text = self.empty_text() if text is not None else None
+        if text is not None:
+            sample["text"] = text  # [L_i, D]
+        return {"key": raw["__key__"], **sample, "ref_frames": refs, "ref_masks": masks, "caption": caption}
+
+    def empty_text(self) -> Tensor:
+        """The stored embedding of the empty caption (caption dropout)  # [L_0, D]."""
+        if self._empty_text is None:
+            self._empty_text = load_empty_text(self.cfg.text_sidecars)
+        return self._empty_text
+
+    def _stored_text(self, raw: dict, caption: str) -> Tensor:
+        """The caption's umT5 embedding of its valid tokens from the text sidecar  # [L_i, D]."""
+        key = raw.get("__key__", "?")
+        if TEXT_MEMBER not in raw:
+            raise SkipSample("missing_text", f"{key}: no {TEXT_MEMBER} in the text sidecar of {raw.get('__url__')}")
+        emb, meta = read_tensor(raw[TEXT_MEMBER], "emb")
+        if meta.get("caption") != caption_digest(caption):
+            raise SkipSample("missing_text", f"{key}: the stored embedding is of another caption (stale sidecar)")
+        if self.text_len is not None and meta.get("text_len") != self.text_len:
+            raise ValueError(f"{key}: text sidecar made with text_len {meta.get('text_len')}, the run uses "
+                             f"{self.text_len}: re-run data/precompute_text.py with this run's config")
+        return emb
+
+    def _cached_clip(self, raw: dict) -> tuple[Tensor, Tensor]:
+        """The stored latents and frames of the clip's cached window: [C, f, h, w], uint8 [n, 3, H, W]."""
+        cfg, key = self.cfg, raw.get("__key__", "?")
+        if LATENT_MEMBER not in raw:
+            raise SkipSample("missing_latent", f"{key}: no {LATENT_MEMBER} in the latent sidecar of {raw.get('__url__')}")
+        latent, meta = read_tensor(raw[LATENT_MEMBER], "latent")
+        want = {"num_frames": cfg.num_frames, "fps": cfg.fps, "height": cfg.height, "width": cfg.width}
+        got = {k: meta.get(k) for k in want}
+        if got != want:
+            raise ValueError(f"{key}: latents cached for {got}, the run reads {want}: re-run data/cache_latents.py "
+                             f"with this run's data config")
+        try:
+            frames = [np.asarray(Image.open(io.BytesIO(raw[f"frame{j}.png"])).convert("RGB"))
+                      for j in range(len(meta["frames"]))]
+        except Exception as exn:  # a missing or unreadable stored frame: no reference pool
+            raise SkipSample("missing_latent", f"{key}: stored frames: {exn!r}") from exn
+        return latent, torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
 
     def _frame_references(self, video: Tensor, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
         """K random frames of the clip and K generated masks: uint8 [K, 3, H, W], bool [K, 1, H, W]."""
@@ -266,11 +322,15 @@ class SampleMaker:
         return ref, torch.from_numpy(np.stack(masks)).unsqueeze(1)  # [K, 1, H, W]
 
 
-def collate(samples: list[dict], tokenize: Tokenize | None) -> dict[str, Any]:
-    """Stack samples, zero-padding references to the batch's largest K."""
+def collate(samples: list[dict], tokenize: Tokenize | None, text_len: int | None = None) -> dict[str, Any]:
+    """Stack samples, zero-padding references to the batch's largest K and stored embeddings to text_len."""
     b = len(samples)
-    video = torch.stack([s["video"] for s in samples])  # [B, F, 3, H, W]
-    _, _, _, h, w = video.shape
+    h, w = samples[0]["ref_frames"].shape[-2:]
+    clip: dict[str, Tensor] = {}
+    if "video" in samples[0]:
+        clip["video"] = torch.stack([s["video"] for s in samples])  # [B, F, 3, H, W]
+    else:
+        clip["latents"] = torch.stack([s["latent"] for s in samples])  # [B, C, f, h, w]
     counts = torch.tensor([s["ref_frames"].shape[0] for s in samples], dtype=torch.long)  # [B]
     kmax = int(counts.max()) if b else 0
     refs = torch.zeros(b, kmax, 3, h, w, dtype=torch.uint8)
@@ -278,8 +338,18 @@ def collate(samples: list[dict], tokenize: Tokenize | None) -> dict[str, Any]:
     for i, s in enumerate(samples):
         refs[i, : counts[i]] = s["ref_frames"]
         masks[i, : counts[i]] = s["ref_masks"]
-    batch: dict[str, Any] = {"video": video, "ref_frames": refs, "ref_masks": masks, "ref_counts": counts,
+    batch: dict[str, Any] = {**clip, "ref_frames": refs, "ref_masks": masks, "ref_counts": counts,
                              "caption": [s["caption"] for s in samples], "key": [s["key"] for s in samples]}
+    if "text" in samples[0]:  # zero past each prompt's length, as TextEncoder.encode returns  # [B, L, D]
+        if text_len is None:
+            raise ValueError("precomputed text embeddings need the run's text_len to be padded to")
+        longest = max(s["text"].shape[0] for s in samples)
+        if longest > text_len:
+            raise ValueError(f"a stored embedding has {longest} tokens, more than text_len {text_len}")
+        text = samples[0]["text"].new_zeros(b, text_len, samples[0]["text"].shape[-1])
+        for i, s in enumerate(samples):
+            text[i, : s["text"].shape[0]] = s["text"]
+        batch["text"] = text
     if tokenize is not None:
         ids, mask = tokenize(batch["caption"])
         batch["input_ids"], batch["attention_mask"] = ids.long(), mask.long()  # [B, L]
@@ -290,9 +360,9 @@ class SaberStream(IterableDataset):
     """One rank's stream of collated batches; each DataLoader worker builds its own WebDataset pipeline."""
 
     def __init__(self, urls: list[str], cfg: DataConfig, mask_cfg: MaskConfig, tokenize: Tokenize | None,
-                 rank: int, world_size: int, train: bool) -> None:
+                 rank: int, world_size: int, train: bool, text_len: int | None = None) -> None:
         super().__init__()
-        self.urls, self.cfg, self.mask_cfg, self.tokenize = urls, cfg, mask_cfg, tokenize
+        self.urls, self.cfg, self.mask_cfg, self.tokenize, self.text_len = urls, cfg, mask_cfg, tokenize, text_len
         self.rank, self.world_size, self.train = rank, world_size, train
         self.epoch = 0  # passes started by this copy (a persistent worker keeps its copy across epochs)
 
@@ -341,7 +411,12 @@ class SaberStream(IterableDataset):
                 stages.append(lambda src: islice(src, reader, None, readers))
         # in per-sample mode every reader sees each tar error: only reader 0 counts them
         handler = counter.tar_error if not per_sample or reader == 0 else (lambda exn: True)
-        stages.append(wds.tarfile_to_samples(handler=handler))
+        templates = cfg.sidecar_templates()
+        if templates:  # sidecar shards joined by key; a cached clip's video bytes are dropped at once
+            drop = VIDEO_EXTENSIONS if cfg.latents == "cached" else ()
+            stages.append(lambda src: joined_samples(src, templates, handler, drop))
+        else:
+            stages.append(wds.tarfile_to_samples(handler=handler))
         if per_sample:
             stages.append(lambda src: islice(src, reader, None, readers))
         if self.train and cfg.shuffle_buffer > 1:
@@ -355,7 +430,7 @@ class SaberStream(IterableDataset):
 
     def _samples(self, src: Iterator[dict], counter: SkipCounter, seed: tuple[int, ...]) -> Iterator[dict]:
         """Decode raw samples with an RNG per (seed, rank, worker, epoch, sample index); skip and count bad ones."""
-        maker = SampleMaker(self.cfg, self.mask_cfg)
+        maker = SampleMaker(self.cfg, self.mask_cfg, self.text_len)
         for i, raw in enumerate(src):
             rng = np.random.default_rng([*seed, i])
             try:
@@ -373,19 +448,23 @@ class SaberStream(IterableDataset):
         for sample in src:
             buf.append(sample)
             if len(buf) == size:
-                yield {**collate(buf, self.tokenize), "skips": {tag: counter.snapshot()}}
+                yield {**collate(buf, self.tokenize, self.text_len), "skips": {tag: counter.snapshot()}}
                 buf = []
         if buf and not self.train:  # validation keeps the last partial batch; training keeps shapes fixed
-            yield {**collate(buf, self.tokenize), "skips": {tag: counter.snapshot()}}
+            yield {**collate(buf, self.tokenize, self.text_len), "skips": {tag: counter.snapshot()}}
 
 
 class SaberDataModule(L.LightningDataModule):
     """Streams shards into batches; augments the references on the device after transfer."""
 
     def __init__(self, cfg: DataConfig, mask_cfg: MaskConfig | None = None, aug_cfg: AugmentConfig | None = None,
-                 tokenize: Tokenize | None = None, rank: int | None = None, world_size: int | None = None) -> None:
+                 tokenize: Tokenize | None = None, rank: int | None = None, world_size: int | None = None,
+                 text_len: int | None = None) -> None:
         super().__init__()
+        if cfg.text == "precomputed" and text_len is None:
+            raise ValueError("data.text=precomputed: pass text_len (model.text_len) to pad the stored embeddings to")
         self.cfg = cfg
+        self.text_len = text_len  # tokens per prompt the stored embeddings are padded to (precomputed text)
         self.mask_cfg = mask_cfg if mask_cfg is not None else MaskConfig()
         self.aug_cfg = aug_cfg if aug_cfg is not None else AugmentConfig()
         self.tokenize = tokenize
@@ -406,7 +485,8 @@ class SaberDataModule(L.LightningDataModule):
 
     def _loader(self, shards: str, train: bool) -> DataLoader:
         rank, world = self.rank_world()
-        ds = SaberStream(expand_shards(shards), self.cfg, self.mask_cfg, self.tokenize, rank, world, train)
+        ds = SaberStream(expand_shards(shards), self.cfg, self.mask_cfg, self.tokenize, rank, world, train,
+                         self.text_len)
         nw = self.cfg.num_workers
         return DataLoader(ds, batch_size=None, num_workers=nw, persistent_workers=train and nw > 0,
                           pin_memory=torch.cuda.is_available(), prefetch_factor=2 if nw > 0 else None,
@@ -439,8 +519,9 @@ class SaberDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """uint8 -> [-1, 1], video to [B, 3, F, H, W], references augmented (gray outside the mask, zero padding)."""
         self._skips.update(batch.pop("skips", {}))
-        video = batch["video"]  # [B, F, 3, H, W] uint8
-        batch["video"] = video.permute(0, 2, 1, 3, 4).float().div(127.5).sub(1.0)  # [B, 3, F, H, W]
+        if "video" in batch:  # absent with cached latents (batch["latents"] [B, C, f, h, w] is used as is)
+            video = batch["video"]  # [B, F, 3, H, W] uint8
+            batch["video"] = video.permute(0, 2, 1, 3, 4).float().div(127.5).sub(1.0)  # [B, 3, F, H, W]
         frames_u8 = batch.pop("ref_frames")  # [B, K, 3, H, W]
         masks = batch["ref_masks"].float()  # [B, K, 1, H, W]
         counts = batch["ref_counts"]

@@ -35,17 +35,20 @@ class FrozenParts:
 
     Keeping them unregistered keeps them out of checkpoints (5.7B umT5 parameters at 14B), out of
     the optimizer, out of FSDP sharding and out of EMA; the module moves them to its device itself.
+    `text_encoder=False` (data.text=precomputed): no umT5 and no tokenizer (`text_encoder`, `tokenize` None).
     """
 
-    def __init__(self, components: Components) -> None:
+    def __init__(self, components: Components, text_encoder: bool = True) -> None:
         self.vae = components.vae
-        self.text_encoder = components.text_encoder
+        self.text_encoder = components.text_encoder if text_encoder else None
         # A picklable tokenize(captions) -> (ids, mask) for dataloader workers (no encoder inside).
-        self.tokenize = functools.partial(tokenize, components.tokenizer, text_len=components.text_encoder.text_len)
+        self.tokenize = (functools.partial(tokenize, components.tokenizer, text_len=self.text_encoder.text_len)
+                         if self.text_encoder is not None else None)
 
     def to(self, device: torch.device, dtype: torch.dtype) -> None:
         self.vae.to(device=device, dtype=dtype)
-        self.text_encoder.to(device=device, dtype=dtype)
+        if self.text_encoder is not None:
+            self.text_encoder.to(device=device, dtype=dtype)
 
 
 class SaberModule(L.LightningModule):
@@ -58,14 +61,18 @@ class SaberModule(L.LightningModule):
         # fsdp2 + pretrained DiT: built on meta here, its shards loaded in configure_model (loading.py)
         self._dit_folder = loading.sharded_dit_folder(cfg) if components is None else None
         self.frozen: FrozenParts | loading.LazyFrozenParts
+        online_text = cfg.data.text == "online"  # precomputed: umT5 is never built nor loaded on this rank
         if components is None and cfg.model.spec.pretrained:  # VAE / umT5 in bf16 on the device, at setup
-            self.frozen = loading.LazyFrozenParts(cfg.model)
+            self.frozen = loading.LazyFrozenParts(cfg.model, text_encoder=online_text)
             self.dit = loading.meta_dit(cfg.model, self._dit_folder) if self._dit_folder else pretrained_dit(cfg.model)
         else:  # small seeded parts (tiny/mini); a wan_dir's DiT replaces the random one
-            comps = components or build_components(replace(cfg.model, wan_dir=None) if self._dit_folder else cfg.model)
-            self.frozen = FrozenParts(comps)
+            comps = components or build_components(replace(cfg.model, wan_dir=None) if self._dit_folder else cfg.model,
+                                                   text_encoder=online_text)
+            self.frozen = FrozenParts(comps, text_encoder=online_text)
             self.dit = loading.meta_dit(cfg.model, self._dit_folder) if self._dit_folder else comps.transformer
             for module in (self.frozen.vae, self.frozen.text_encoder):
+                if module is None:
+                    continue
                 module.requires_grad_(False)
                 module.eval()
         # EMA of the DiT as a registered, frozen copy: it is sharded like the DiT under FSDP2 and saved
@@ -127,13 +134,36 @@ class SaberModule(L.LightningModule):
     # ------------------------------------------------------------------ encoding
     @torch.no_grad()
     def encode_text(self, batch: dict[str, Any]) -> Tensor:
-        """Frozen umT5 embeddings, zero past each prompt  # [B, L, D]."""
+        """umT5 embeddings, zero past each prompt: the batch's precomputed ones, else the frozen umT5's  # [B, L, D]."""
+        if "text" in batch:  # data.text=precomputed: padded to text_len in collate
+            return batch["text"].to(self.device, self.compute_dtype)
+        if self.frozen.text_encoder is None:
+            raise ValueError("data.text=precomputed but the batch has no 'text' (stored embeddings): no umT5 here")
         return self.frozen.text_encoder.encode(batch["input_ids"], batch["attention_mask"]).to(self.compute_dtype)
+
+    @torch.no_grad()
+    def encode_empty_text(self, n: int) -> Tensor:
+        """The empty caption's embedding n times (the CFG negative): umT5's, or the stored one  # [n, L, D]."""
+        if self.frozen.text_encoder is not None:
+            ids, mask = self.frozen.tokenize([""] * n)
+            return self.frozen.text_encoder.encode(ids.to(self.device), mask.to(self.device)).to(self.compute_dtype)
+        from saber_pl.sidecars import load_empty_text
+
+        emb = load_empty_text(self.cfg.data.text_sidecars)  # [L_0, D]
+        out = emb.new_zeros(n, self.cfg.model.resolved_text_len, emb.shape[-1])
+        out[:, : emb.shape[0]] = emb
+        return out.to(self.device, self.compute_dtype)
 
     @torch.no_grad()
     def encode_video(self, video: Tensor) -> Tensor:
         """Normalised VAE latents of a clip  # [B, 3, F, H, W] -> [B, C, f, h, w]."""
         return self.frozen.vae.encode(video.to(self.compute_dtype))
+
+    def clip_latents(self, batch: dict[str, Any]) -> Tensor:
+        """The clip's latents: cached in the batch (data.latents=cached), else encoded now  # [B, C, f, h, w]."""
+        if "latents" in batch:
+            return batch["latents"].to(self.device, self.compute_dtype)
+        return self.encode_video(batch["video"])
 
     @torch.no_grad()
     def encode_references(self, refs: Tensor, ref_masks: Tensor, ref_counts: Tensor) -> tuple[Tensor, Tensor]:
@@ -157,7 +187,7 @@ class SaberModule(L.LightningModule):
     # ------------------------------------------------------------------ loss
     def flow_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Flow-matching loss of one batch; returns the mean loss, per-sample losses and the t draws."""
-        z0 = self.encode_video(batch["video"])  # [B, C, f, h, w]
+        z0 = self.clip_latents(batch)  # [B, C, f, h, w]
         text = self.encode_text(batch)  # [B, L, D]
         ref_lat = ref_cov = counts = None
         if batch["ref_counts"].numel() and int(batch["ref_counts"].max()) > 0:
@@ -282,13 +312,12 @@ class SaberModule(L.LightningModule):
         lg = self.cfg.logging
         sub = {k: (v[:n] if isinstance(v, (Tensor, list)) else v) for k, v in batch.items()}
         text = self.encode_text(sub)
-        empty = self.frozen.tokenize([""] * text.shape[0])
-        neg = self.frozen.text_encoder.encode(empty[0].to(self.device), empty[1].to(self.device)).to(text.dtype)
+        neg = self.encode_empty_text(text.shape[0]).to(text.dtype)
         ref_lat = ref_cov = counts = None
         if sub["ref_counts"].numel() and int(sub["ref_counts"].max()) > 0:
             counts = sub["ref_counts"]
             ref_lat, ref_cov = self.encode_references(sub["refs"], sub["ref_masks"], counts)
-        shape = tuple(self.encode_video(sub["video"]).shape)
+        shape = tuple(self.clip_latents(sub).shape)
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.trainer.seed)
         cfg = SamplerConfig(steps=lg.val_sample_steps, guidance=lg.val_guidance, shift=self.cfg.flow.shift)
         dit = self.dit_ema if self.dit_ema is not None else self.dit

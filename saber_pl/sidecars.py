@@ -69,8 +69,9 @@ def caption_digest(caption: str) -> str:
 
 
 def tensor_bytes(name: str, tensor: Tensor, meta: dict[str, Any]) -> bytes:
-    """One tensor (+ JSON-able metadata) as safetensors bytes: no pickle, bf16 kept."""
-    return st_save({name: tensor.detach().cpu().contiguous()}, metadata={k: json.dumps(v) for k, v in meta.items()})
+    """One tensor (+ JSON-able metadata) as safetensors bytes: no pickle, bf16 kept. The metadata is one sorted
+    JSON string (safetensors keeps several metadata keys in a hash map: the bytes would vary run to run)."""
+    return st_save({name: tensor.detach().cpu().contiguous()}, metadata={"saber": json.dumps(meta, sort_keys=True)})
 
 
 def read_tensor(data: bytes, name: str) -> tuple[Tensor, dict[str, Any]]:
@@ -78,7 +79,7 @@ def read_tensor(data: bytes, name: str) -> tuple[Tensor, dict[str, Any]]:
     tensors = st_load(data)
     header_len = int.from_bytes(data[:8], "little")  # format: u64 header size, JSON header, raw tensors
     meta = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
-    return tensors[name], {k: json.loads(v) for k, v in meta.items()}
+    return tensors[name], json.loads(meta.get("saber", "{}"))
 
 
 def load_empty_text(template: str) -> Tensor:
@@ -188,6 +189,66 @@ def write_sidecars(urls: list[str], out: Path, records: Callable[[str], Iterator
 
 
 def compute_device(name: str) -> tuple[torch.device, torch.dtype]:
-    """``auto``: the GPU in bf16 when there is one (as training computes), else the CPU in float32."""
-    device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+    """``auto``: this process's GPU (LOCAL_RANK under torchrun) in bf16 when there is one, as training computes;
+    else the CPU in float32."""
+    if name == "auto":
+        name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
     return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def frozen_encoders(model_cfg: Any, text: bool, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+    """The frozen VAE and (when `text`) umT5 of a scale exactly as training builds them: seeded at tiny/mini
+    (the DiT is built too, the umT5 draws come after it), read from wan_dir at 1.3B/14B (no DiT read)."""
+    from dataclasses import replace
+
+    from saber_pl import wan
+
+    if model_cfg.spec.pretrained:
+        root = wan.resolve_wan_dir(model_cfg, ("vae",) + (("text_encoder", "tokenizer") if text else ()))
+        vae, encoder = wan.load_pretrained_frozen(root, model_cfg.resolved_text_len, dtype, device=device,
+                                                  vae_dtype=dtype, text_encoder=text)
+    else:
+        comps = wan.build_components(replace(model_cfg, wan_dir=None), text_encoder=text)
+        vae, encoder = comps.vae, comps.text_encoder
+    vae.to(device=device, dtype=dtype)
+    if encoder is not None:
+        encoder.to(device=device, dtype=dtype)
+    return vae, encoder
+
+
+def tool_config(args: Any) -> Any:
+    """The run config a tool works for (``--exp/--scale/--wan-dir`` + overrides, as saber_pl.train)."""
+    from saber_pl.config import load_config
+
+    overrides = list(args.overrides) + ([f"model.wan_dir={args.wan_dir}"] if args.wan_dir else [])
+    return load_config(args.exp, args.scale, overrides)
+
+
+def tool_shards(args: Any, cfg: Any) -> list[str]:
+    """``--shards``, else the config's training and validation shards."""
+    from saber_pl.datamodule import expand_shards
+
+    specs = [args.shards] if args.shards else [s for s in (cfg.data.train_shards, cfg.data.val_shards) if s]
+    if not specs:
+        raise ValueError("no shards: pass --shards (or set data.train_shards)")
+    return list(dict.fromkeys(u for spec in specs for u in expand_shards(spec)))
+
+
+def tool_parser(doc: str) -> Any:
+    """The command line both tools share."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--exp", default="saber_full")
+    p.add_argument("--scale", default="mini")
+    p.add_argument("--wan-dir", default=None, help="local Wan2.1 diffusers folder (1.3B/14B)")
+    p.add_argument("--shards", default=None, help="source shards (default: the config's train + val shards)")
+    p.add_argument("--out", required=True, help="folder the sidecar shards are written to")
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="stored dtype")
+    p.add_argument("--device", default="auto", help="auto = this process's GPU if any, else cpu")
+    p.add_argument("--rank", type=int, default=None, help="this process's index (default: $RANK or 0)")
+    p.add_argument("--world", type=int, default=None, help="processes sharing the shards (default: $WORLD_SIZE or 1)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", help="config overrides key.sub=value, as for training")
+    return p

@@ -210,7 +210,7 @@ def build_datamodule(cfg: ExperimentConfig, tokenize: Any, seed_offset: int) -> 
     import dataclasses
 
     data = dataclasses.replace(cfg.data, seed=cfg.data.seed + seed_offset)
-    return SaberDataModule(data, cfg.masks, cfg.augment, tokenize)
+    return SaberDataModule(data, cfg.masks, cfg.augment, tokenize, text_len=cfg.model.resolved_text_len)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -161,7 +161,8 @@ def test_bad_inputs_are_skipped_and_counted(shards) -> None:
     assert sorted(k for b in seen for k in b["key"]) == ["emptycap", "tail0", "tail1"]
     counts = dm.skip_counts()
     assert counts == {"broken_tar": 0, "missing_video": 1, "missing_caption": 1, "corrupt_video": 2,
-                      "undecodable_frame": 1, "too_short": 1, "bad_reference": 0, "empty_caption": 1}
+                      "undecodable_frame": 1, "too_short": 1, "bad_reference": 0, "missing_text": 0,
+                      "missing_latent": 0, "empty_caption": 1}
     assert set(SKIP_REASONS) < set(counts) and dm.samples_seen() == 9
 
 

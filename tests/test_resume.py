@@ -137,7 +137,8 @@ def test_sharded_last_is_a_link_state_written_once(tmp_path: Path) -> None:
     out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "(step 4)" in out.stderr
-    assert os.readlink(last) == "step0000006.ckpt" and len([f for f in _stored(ckpt_dir)[0] if f.suffix == ".distcp"]) == 2
+    assert os.readlink(last) == "step0000006.ckpt"
+    assert len([f for f in _stored(ckpt_dir)[0] if f.suffix == ".distcp"]) == 2
     from saber_pl.export import export
     from saber_pl.generate import resolve_checkpoint
 
