@@ -169,7 +169,9 @@ class FrozenCost:
     video_peak: int  # bytes alive at the peak of one micro-batch's video encode
     refs_peak: int  # ... of its K reference frames (one-frame videos)
     text_peak: int  # ... of its umT5 encode
-    flops: int  # all three encodes, forward only
+    video_flops: int  # forward FLOPs of the clip encode
+    refs_flops: int  # ... of the K reference encodes
+    text_flops: int  # ... of the umT5 encode
 
 
 @functools.lru_cache(maxsize=64)
@@ -182,7 +184,7 @@ def frozen_cost(scale: str, batch: int, frames: int, height: int, width: int, re
     dtype = torch.bfloat16 if nbytes == 2 else torch.float32
     encoder, vae = _frozen_modules(scale)
     encoder, vae = encoder.to(dtype), vae.to(dtype)
-    peaks, flops = [], 0
+    peaks, flops = [], []
     clip = functools.partial(torch.empty, device="meta", dtype=dtype)
     runs = [lambda: vae.encode(clip(batch, 3, frames, height, width)),
             lambda: vae.encode(clip(batch * refs, 3, 1, height, width)) if refs else None,
@@ -192,9 +194,9 @@ def frozen_cost(scale: str, batch: int, frames: int, height: int, width: int, re
         with torch.no_grad(), live, FlopCounterMode(display=False) as counter:
             run()
         peaks.append(live.peak)
-        flops += counter.get_total_flops()
+        flops.append(counter.get_total_flops())
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    return FrozenCost(count(encoder), count(vae), vae.spatial_factor, vae.temporal_factor, *peaks, flops)
+    return FrozenCost(count(encoder), count(vae), vae.spatial_factor, vae.temporal_factor, *peaks, *flops)
 
 
 # ----------------------------------------------------------------------------------------------- tokens
@@ -412,14 +414,15 @@ def generation_memory(cfg: ExperimentConfig, dit: DitShape, probe: FrozenCost, c
 
 
 def make_plan(cfg: ExperimentConfig, world: int, gpu_mem_gib: float, mfu: float = 0.35,
-              peak_tflops: float = 989.0, headroom: float = 0.1, text_encoder: bool = True,
-              overrides: tuple[str, ...] = ()) -> Plan:
+              peak_tflops: float = 989.0, headroom: float = 0.1, overrides: tuple[str, ...] = ()) -> Plan:
     """Memory per rank, FLOPs and step time of `cfg` on `world` GPUs of `gpu_mem_gib` GiB."""
     from saber_pl.train import accumulation
 
     master, c = precision_bytes(cfg)
     dit = dit_shape(cfg.model)
     d = cfg.data
+    text_encoder = d.text == "online"  # data.text: precomputed -> no umT5 on the training GPUs
+    encode_clip = d.latents == "online"  # data.latents: cached -> no clip encode (the K reference encodes stay)
     fsdp = cfg.trainer.strategy == "fsdp2"
     accum = accumulation(cfg, world)
     probe = frozen_cost(cfg.model.scale, d.batch_size, d.num_frames, d.height, d.width, d.refs_max,
@@ -447,7 +450,10 @@ def make_plan(cfg: ExperimentConfig, world: int, gpu_mem_gib: float, mfu: float 
     pixels = d.num_frames * d.height * d.width
     batch_in = d.batch_size * (3 * pixels + 4 * d.refs_max * d.height * d.width) * FP32  # video, refs, masks
     cast = d.batch_size * 3 * pixels * c if c != FP32 else 0  # encode_video's bf16 copy of the clip
-    encode = max(probe.video_peak + cast, probe.refs_peak, probe.text_peak if text_encoder else 0)
+    encode = max(probe.video_peak + cast if encode_clip else 0, probe.refs_peak,
+                 probe.text_peak if text_encoder else 0)
+    frozen_flops = (probe.refs_flops + (probe.video_flops if encode_clip else 0)
+                    + (probe.text_flops if text_encoder else 0))
     act = dit_activations(dit, worst, c, cfg.model.gradient_checkpointing, "cuda", cfg.model.attn_backend)
     gathered = gathered_bytes(dit, c) if fsdp else 0
     extra = {}
@@ -469,13 +475,13 @@ def make_plan(cfg: ExperimentConfig, world: int, gpu_mem_gib: float, mfu: float 
     # FLOPs per micro-batch (forward), model (x3: forward + backward) and hardware (+ recompute + frozen)
     fl = dit_flops(dit, mean)
     model_micro = 3 * (fl["linear"] + fl["attention"])
-    hw_micro = model_micro + (fl["blocks"] if cfg.model.gradient_checkpointing else 0) + probe.flops
+    hw_micro = model_micro + (fl["blocks"] if cfg.model.gradient_checkpointing else 0) + frozen_flops
     rank_step = model_micro * accum
     step_time = rank_step / (mfu * peak_tflops * 1e12)
     flops = {"model per rank per step": rank_step, "hardware per rank per step": hw_micro * accum,
-             "model global per step": rank_step * world, "frozen encoders per rank per step": probe.flops * accum,
+             "model global per step": rank_step * world, "frozen encoders per rank per step": frozen_flops * accum,
              "attention share": fl["attention"] / (fl["linear"] + fl["attention"])}
-    attn = "xformers (one call)" if cfg.model.attn_backend != "sdpa" else "SDPA per sample"
+    attn = "SDPA per sample" if cfg.model.attn_backend == "sdpa" else "varlen / xformers (one packed call)"
     assumptions = [
         f"memory: worst case K={d.refs_max} references per clip, every reference token valid "
         f"({worst.packed:,.0f} tokens per micro-batch)",
@@ -486,7 +492,9 @@ def make_plan(cfg: ExperimentConfig, world: int, gpu_mem_gib: float, mfu: float 
         f"step time = model FLOPs / (MFU {mfu} x {peak_tflops:g} TFLOP/s)",
     ]
     if not text_encoder:
-        assumptions.append("umT5 not on the GPU: text embeddings precomputed")
+        assumptions.append("umT5 not on the training GPUs: data.text=precomputed (make precompute-text)")
+    if not encode_clip:
+        assumptions.append("no clip encode on the training GPUs: data.latents=cached (make cache-latents)")
     return Plan(
         exp=cfg.exp, scale=cfg.scale, world=world, gpu_mem_gib=gpu_mem_gib, usable_gib=usable, batch=d.batch_size,
         accumulation=accum, global_batch=world * d.batch_size * accum,
@@ -535,11 +543,10 @@ class Target:
     mfu: float = 0.35
     peak_tflops: float = 989.0
     headroom: float = 0.1
-    text_encoder: bool = True
 
     def plan(self) -> Plan:
         return make_plan(_config(self), self.gpus, self.gpu_mem_gib, self.mfu, self.peak_tflops, self.headroom,
-                         self.text_encoder, self.overrides)
+                         self.overrides)
 
     def but(self, *overrides: str, **changes: Any) -> Target:
         """This target with more overrides (later ones win) and other fields changed."""
@@ -584,6 +591,9 @@ def _frames_that_fit(target: Target, cfg: ExperimentConfig) -> Target | None:
     return best
 
 
+SIDECARS = "/data/sidecars"  # a placeholder location in the overrides the verdict proposes
+
+
 def knobs(target: Target) -> list[tuple[str, Target]]:
     """Single changes that lower the peak, cheapest for the recipe first (each is a new Target)."""
     cfg = _config(target)
@@ -599,9 +609,12 @@ def knobs(target: Target) -> list[tuple[str, Target]]:
             f"trainer.accumulate_grad_batches={cfg.trainer.accumulate_grad_batches * cfg.data.batch_size}",)
         out.append(("batch 1 per GPU, more accumulation (same global batch)",
                     target.but("data.batch_size=1", *extra)))
-    if target.text_encoder:
-        out.append(("precomputed text embeddings (needs code: umT5 runs on every GPU today)",
-                    target.but(text_encoder=False)))
+    if cfg.data.text == "online":
+        out.append(("precomputed text embeddings (make precompute-text)",
+                    target.but("data.text=precomputed", f"data.text_sidecars={SIDECARS}/text")))
+    if cfg.data.latents == "online":
+        out.append(("cached clip latents (make cache-latents)",
+                    target.but("data.latents=cached", f"data.latent_sidecars={SIDECARS}/latents")))
     return out
 
 
@@ -617,7 +630,7 @@ def verdict(target: Target, base: Plan | None = None) -> list[dict[str, Any]]:
         if t is not None:
             p = t.plan()
             found.append({"knob": label, "gpus": t.gpus, "overrides": list(t.overrides[len(target.overrides):]),
-                          "text_encoder": t.text_encoder, "peak_gib": round(p.peak_gib, 1), "fits": p.fits,
+                          "peak_gib": round(p.peak_gib, 1), "fits": p.fits,
                           "step_time_s": round(p.step_time_s, 1), "combined": combined})
 
     for label, t in knobs(target):
@@ -696,7 +709,7 @@ def table(p: Plan) -> str:
         lines.append(f"verdict: DOES NOT FIT ({p.peak_gib:.1f} GiB needed, {p.usable_gib:.1f} usable per GPU)")
         for k in p.knobs:
             how = " ".join(k["overrides"] + ([f"--gpus {k['gpus']}"] if k["gpus"] != p.world else [])
-                           + ([] if k["text_encoder"] else ["(no umT5 on the GPU)"]))
+                           )
             state = "fits" if k["fits"] else "still does not fit"
             lines.append(f"  {'together' if k['combined'] else 'alone'}: {k['knob']}: {k['peak_gib']} GiB, {state}"
                          f", step {k['step_time_s']} s   [{how}]")

@@ -124,7 +124,7 @@ def test_verdicts_of_the_14b_recipe(capsys: pytest.CaptureFixture) -> None:
     assert not small["fits"] and small["knobs"]
     best = small["knobs"][-1]
     assert best["fits"] and best["gpus"] > 8 and "GPUs" in best["knob"]
-    fixed = Target("saber_full", "14B", tuple(best["overrides"]), best["gpus"], 24, text_encoder=best["text_encoder"])
+    fixed = Target("saber_full", "14B", tuple(best["overrides"]), best["gpus"], 24)
     assert fixed.plan().fits
 
 
@@ -146,3 +146,20 @@ def test_14b_generation_fits_one_80gb_gpu_and_offload_plus_split_passes_save_mem
     assert gen["peak"] < 80 * 0.9
     assert gen["peak if umT5 stayed and CFG were one batch"] > gen["peak"] + 25
     assert gen["DiT pass, cond + uncond as one batch (not used)"] > 4 * gen["DiT pass, b = 1 per branch"]
+
+
+def test_precomputed_text_and_cached_latents_take_umt5_and_the_clip_encode_off_the_training_gpus() -> None:
+    """data.text=precomputed drops umT5's 10.6 GiB from every rank; data.latents=cached the clip encode."""
+    cfg = load_config("saber_full", "14B")
+    online = make_plan(cfg, world=64, gpu_mem_gib=80)
+    cached = make_plan(load_config("saber_full", "14B", ["data.text=precomputed", "data.text_sidecars=/s/text",
+                                                         "data.latents=cached", "data.latent_sidecars=/s/lat"]),
+                       world=64, gpu_mem_gib=80)
+    umt5 = online.memory_gib["umT5 encoder (bf16, every rank)"]
+    assert umt5 == pytest.approx(5_680_910_336 * 2 / 2**30) and cached.memory_gib["umT5 encoder (bf16, every rank)"] == 0
+    # the peak (forward + backward) drops by exactly the umT5 share; the encode phase loses the clip encode too
+    assert online.peak_gib - cached.peak_gib == pytest.approx(umt5, rel=1e-6)
+    assert cached.phases_gib["encode"] < online.phases_gib["encode"] - umt5
+    frozen = "frozen encoders per rank per step"
+    assert cached.flops[frozen] < 0.2 * online.flops[frozen]  # the K one-frame reference encodes remain
+    assert online.flops["model per rank per step"] == cached.flops["model per rank per step"]
