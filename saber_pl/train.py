@@ -69,7 +69,9 @@ def check_inputs(cfg: ExperimentConfig) -> None:
         if not wan:
             raise SetupError(f"scale {cfg.scale} needs Wan2.1 weights: set WAN_DIR=/path/to/Wan2.1-...-Diffusers "
                              f"(a local diffusers folder with transformer/, vae/, text_encoder/, tokenizer/)")
-        missing = [d for d in ("transformer", "vae", "text_encoder", "tokenizer") if not (Path(wan) / d).is_dir()]
+        needed = (("transformer",) if cfg.model.init != "random" else ()) + ("vae",) + (
+            ("text_encoder", "tokenizer") if cfg.data.text == "online" else ())  # precomputed: no umT5 needed
+        missing = [d for d in needed if not (Path(wan) / d).is_dir()]
         if missing:
             raise SetupError(f"WAN_DIR={wan} lacks {', '.join(missing)}/: set WAN_DIR to a Wan2.1 diffusers folder")
     shards = cfg.data.train_shards

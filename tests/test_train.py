@@ -125,3 +125,17 @@ def test_global_batch_derives_the_accumulation_of_the_recipe() -> None:
             accumulation(cfg, 48)
     tiny = load_config("saber_full", "tiny", ["trainer.accumulate_grad_batches=3"])
     assert tiny.trainer.global_batch is None and accumulation(tiny, 2) == 3
+
+
+def test_wan_dir_needs_umt5_only_when_text_is_encoded_online(tmp_path) -> None:
+    from saber_pl.config import load_config
+    from saber_pl.train import SetupError, check_inputs
+
+    for sub in ("transformer", "vae"):
+        (tmp_path / sub).mkdir()
+    shards = "data/test/tiny-000000.tar"
+    online = load_config("saber_full", "14B", [f"model.wan_dir={tmp_path}", f"data.train_shards={shards}"])
+    with pytest.raises(SetupError, match="lacks text_encoder, tokenizer/"):
+        check_inputs(online)
+    check_inputs(load_config("saber_full", "14B", [f"model.wan_dir={tmp_path}", f"data.train_shards={shards}",
+                                                   "data.text=precomputed", f"data.text_sidecars={tmp_path}"]))
