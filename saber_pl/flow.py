@@ -48,7 +48,8 @@ def sample_timesteps(cfg: FlowConfig, n: int, device: torch.device | str = "cpu"
     if cfg.sampling == "uniform":
         u = torch.rand(n, device=device, generator=generator, dtype=f32)
     else:
-        u = torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.randn(n, device=device, generator=generator, dtype=f32))
+        z = torch.randn(n, device=device, generator=generator, dtype=f32)
+        u = torch.sigmoid(cfg.logit_mean + cfg.logit_std * z)
     return shift_timesteps(u, cfg.shift).clamp(cfg.t_min, cfg.t_max)
 
 

@@ -7,9 +7,9 @@ Guidance runs the conditional and unconditional branches; by default each sample
 b = 1 DiT pass (``split_passes``): a packed batch of 2B samples takes diffusers' per-token modulation path,
 a [1, N, 6, D] tensor (about 4.6 GB in bf16 at 14B's 75k tokens) plus fp32 temporaries in every block,
 while b = 1 broadcasts one [1, 6, D] modulation. The packed attention is block-diagonal per sample, so both
-give the same velocities. The unconditional branch keeps the references unless ``drop_refs_uncond`` is set. The starting noise can
-be passed in (``noise``), so a caller can seed each sample on its own: a prompt then gives the same
-video alone or inside a batch (``saber_pl.generate`` does this).
+give the same velocities. The unconditional branch keeps the references unless ``drop_refs_uncond`` is set.
+The starting noise can be passed in (``noise``), so a caller can seed each sample on its own: a prompt
+then gives the same video alone or inside a batch (``saber_pl.generate`` does this).
 """
 
 from __future__ import annotations
