@@ -91,7 +91,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     _run(tmp, "resumed", tmp / "resumed.jsonl", 1)
     ckpt = tmp / "resumed" / "saber_full-tiny" / "checkpoints" / "last.ckpt"
     step1 = tmp / "step1.ckpt"
-    subprocess.run(["cp", "-r", str(ckpt), str(step1)], check=True)
+    subprocess.run(["cp", "-rL", str(ckpt), str(step1)], check=True)  # last.ckpt links to the step checkpoint
     _run(tmp, "resumed", tmp / "resumed.jsonl", 3)
     return {"tmp": tmp, "straight": tmp / "straight.jsonl", "resumed": tmp / "resumed.jsonl", "step1": step1}
 
