@@ -9,7 +9,8 @@ Launch commands (see README.md):
     python -m saber_pl.train --exp saber_full --scale tiny --dry-run   # print the resolved config, exit
 
 The run folder is ``runs/<exp>-<scale>/`` (same on every rank): ``config.yaml`` (written before
-step 0), ``checkpoints/`` (``last.ckpt`` + top-k; sharded folders under FSDP2), ``tb/`` (TensorBoard).
+step 0), ``checkpoints/`` (``stepNNNNNNN.ckpt`` top-k, ``last.ckpt`` a link to the newest; sharded
+folders under FSDP2), ``tb/`` (TensorBoard).
 Re-running the same command resumes from ``checkpoints/last.ckpt``.
 """
 
