@@ -14,6 +14,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
@@ -126,3 +127,11 @@ class MediaLogger(L.Callback):
             grid = reference_grid(batch["refs"][: len(videos)], batch["ref_masks"][: len(videos)],
                                   batch["ref_counts"][: len(videos)])
             writer.add_image("val/references", grid, trainer.global_step, dataformats="HWC")
+
+
+class SessionTimer(Timer):
+    """Lightning's `Timer` whose cap (`trainer.max_time_minutes`) applies to each invocation: the elapsed time
+    of the run that wrote the checkpoint is not restored, which would stop a resumed run at its first step."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        return None

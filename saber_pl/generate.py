@@ -522,7 +522,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fps", type=float, default=None, help="default: the run's data.fps")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=5.0, help="CFG scale on the text (1 = off)")
-    p.add_argument("--shift", type=float, default=5.0, help="Wan's flow shift")
+    p.add_argument("--shift", type=float, default=None,
+                   help="flow shift; default: the run's flow.shift (what it trained with; 5.0, Wan's, for an export)")
     p.add_argument("--scheduler", choices=SCHEDULERS, default="unipc")
     p.add_argument("--drop-refs-uncond", action="store_true", help="drop the references in the unconditional branch")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -548,8 +549,16 @@ def request_from_args(args: argparse.Namespace, source: CheckpointSource) -> tup
     """Video size (flags over the run's defaults) and sampler settings, validated."""
     d = source.video_defaults()
     video = VideoSpec(args.height or d.height, args.width or d.width, args.frames or d.frames, args.fps or d.fps)
-    sampler = SamplerConfig(args.steps, args.guidance, args.shift, args.scheduler, args.drop_refs_uncond)
+    shift = args.shift if args.shift is not None else default_shift(source)
+    sampler = SamplerConfig(args.steps, args.guidance, shift, args.scheduler, args.drop_refs_uncond)
     return video, sampler
+
+
+def default_shift(source: CheckpointSource) -> float:
+    """The flow shift a run trained with (a mini run: 1.0, the real scales: 5.0); Wan's 5.0 for an export."""
+    from saber_pl.export import load_run_config
+
+    return load_run_config(source.root).flow.shift if source.kind == "run" else SamplerConfig().shift
 
 
 def torch_dtype(name: str, device: str) -> torch.dtype:

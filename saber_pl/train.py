@@ -105,11 +105,11 @@ def resume_step(path: Path) -> int:
 def build_trainer(cfg: ExperimentConfig, run_dir: Path) -> Any:
     """Lightning Trainer with the strategy, precision, logger and callbacks of the config."""
     import lightning as L
-    from lightning.pytorch.callbacks import LearningRateMonitor, Timer
+    from lightning.pytorch.callbacks import LearningRateMonitor
     from lightning.pytorch.loggers import TensorBoardLogger
     from lightning.pytorch.strategies import DDPStrategy
 
-    from saber_pl.callbacks import MediaLogger
+    from saber_pl.callbacks import MediaLogger, SessionTimer
     from saber_pl.checkpoint import AtomicModelParallelStrategy, SaberCheckpoint
     from saber_pl.faults import FailFast, Preemption
 
@@ -136,7 +136,7 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path) -> Any:
                  MediaLogger(cfg.logging.image_every_n_steps, cfg.logging.val_videos, cfg.logging.val_fps),
                  FailFast(), Preemption(ckpt)]
     if t.max_time_minutes is not None:
-        callbacks.append(Timer(duration={"minutes": t.max_time_minutes}, interval="step"))
+        callbacks.append(SessionTimer(duration={"minutes": t.max_time_minutes}, interval="step"))
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="tb", default_hp_metric=False)
     return L.Trainer(
         accelerator="cpu" if t.accelerator == "cpu" else ("gpu" if on_gpu else "auto"),
@@ -257,7 +257,24 @@ def fit(cfg: ExperimentConfig, resume: bool = True) -> int:
     if ckpt_path is not None:
         log.info("resuming %s from %s (step %d)", cfg.run_name, ckpt_path, step0)
     trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    warn_if_time_capped(trainer, cfg)
     return 0
+
+
+def warn_if_time_capped(trainer: Any, cfg: ExperimentConfig) -> None:
+    """Say loudly when `trainer.max_time_minutes` (a safety net) ended the run before `max_steps`."""
+    from lightning.pytorch.callbacks import Timer
+
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    if timer is None or trainer.global_step >= cfg.trainer.max_steps:
+        return
+    left = timer.time_remaining("train")
+    if left is not None and left <= 0:
+        bar = "!" * 100
+        log.warning("%s\nSTOPPED BY THE TIME CAP trainer.max_time_minutes=%g at step %d of %d: the schedule did not "
+                    "finish (the LR never reached its floor). Re-run the same command to continue from last.ckpt, "
+                    "or raise the cap.\n%s", bar, cfg.trainer.max_time_minutes, trainer.global_step,
+                    cfg.trainer.max_steps, bar)
 
 
 if __name__ == "__main__":

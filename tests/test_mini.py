@@ -8,16 +8,16 @@ import pytest
 from PIL import Image
 
 from saber_pl.config import load_config
-from saber_pl.generate import main
+from saber_pl.generate import main, parse_args, request_from_args, resolve_checkpoint
 from saber_pl.train import fit
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    """A one-step tiny saber_full run: a Saber model, trained with references."""
+    """A one-step tiny saber_full run: a Saber model, trained with references, at flow shift 1 (as mini)."""
     tmp = tmp_path_factory.mktemp("runs")
     cfg = load_config("saber_full", "tiny", [f"logging.runs_dir={tmp}", "trainer.max_steps=1",
-                                             "trainer.ckpt_every_n_steps=1"])
+                                             "trainer.ckpt_every_n_steps=1", "flow.shift=1.0"])
     assert fit(cfg) == 0
     return cfg.run_dir
 
@@ -34,3 +34,13 @@ def test_generate_without_ref_is_text_only(run_dir: Path, tmp_path: Path) -> Non
     grid = Image.open(tmp_path / "t2v_grid.png")
     assert grid.size == (4 * 34 + 2, 2 * 34 + 2)  # 2 videos x 4 frames, no reference row above them
     assert not list(tmp_path.glob("t2v_ref*.png"))  # no reference images were prepared or written
+
+
+def test_generate_samples_with_the_runs_shift(run_dir: Path) -> None:
+    """Without --shift, `generate` samples at the shift the run trained with (it used to take Wan's 5.0, a
+    mismatch for a mini run trained at 1.0); --shift still overrides it."""
+    source = resolve_checkpoint(run_dir)
+    _, sampler = request_from_args(parse_args(["--ckpt", str(run_dir), "--prompt", "x"]), source)
+    assert sampler.shift == 1.0
+    _, sampler = request_from_args(parse_args(["--ckpt", str(run_dir), "--prompt", "x", "--shift", "3"]), source)
+    assert sampler.shift == 3.0

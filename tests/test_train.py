@@ -139,3 +139,31 @@ def test_wan_dir_needs_umt5_only_when_text_is_encoded_online(tmp_path) -> None:
         check_inputs(online)
     check_inputs(load_config("saber_full", "14B", [f"model.wan_dir={tmp_path}", f"data.train_shards={shards}",
                                                    "data.text=precomputed", f"data.text_sidecars={tmp_path}"]))
+
+
+def test_a_run_ended_by_the_time_cap_says_so(tmp_path, caplog) -> None:
+    """trainer.max_time_minutes is a safety net: when it ends a run before max_steps, the run says so loudly."""
+    import logging
+
+    from saber_pl.config import load_config
+    from saber_pl.train import fit
+
+    cfg = load_config("saber_full", "tiny", [f"logging.runs_dir={tmp_path}", "trainer.max_steps=1000",
+                                             "trainer.max_time_minutes=0.0001", "trainer.ckpt_every_n_steps=1000"])
+    with caplog.at_level(logging.WARNING, logger="saber_pl.train"):
+        assert fit(cfg) == 0
+    assert "STOPPED BY THE TIME CAP" in caplog.text and "of 1000" in caplog.text
+
+
+def test_a_resumed_run_gets_its_own_time_cap() -> None:
+    """The cap is per invocation: Lightning's Timer restores the elapsed time of the checkpointed run, which
+    stops a run resumed after the cap at once; SessionTimer does not."""
+    from lightning.pytorch.callbacks import Timer
+
+    from saber_pl.callbacks import SessionTimer
+
+    state = {"time_elapsed": {"train": 600.0, "validate": 0.0, "test": 0.0, "predict": 0.0}}
+    stock, ours = Timer(duration={"minutes": 10}), SessionTimer(duration={"minutes": 10})
+    stock.load_state_dict(state)
+    ours.load_state_dict(state)
+    assert stock.time_remaining("train") <= 0 and ours.time_remaining("train") == 600.0
