@@ -19,4 +19,4 @@ def test_step_benchmark_runs_at_tiny_without_umt5() -> None:
     row = json.loads(out.stdout.strip().splitlines()[-1])
     assert row["umt5_built"] is False  # data.text=precomputed: no text encoder in the process
     assert row["full_step_s"] > 0 and row["dit_only_step_s"] > 0
-    assert abs(row["ratio"] - row["full_step_s"] / row["dit_only_step_s"]) < 0.01
+    assert abs(row["ratio"] / (row["full_step_s"] / row["dit_only_step_s"]) - 1) < 0.05  # rounded in the JSON
