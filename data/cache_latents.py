@@ -30,15 +30,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from saber_pl.datamodule import DataConfig  # noqa: E402
 from saber_pl.sidecars import (  # noqa: E402
-    DTYPES, LATENT_MEMBER, compute_device, frozen_encoders, rank_world, tensor_bytes, tool_config, tool_parser,
-    tool_shards, write_sidecars,
+    DTYPES, LATENT_MEMBER, batched, compute_device, frozen_encoders, rank_world, shard_samples, tensor_bytes,
+    tool_config, tool_parser, tool_shards, write_sidecars,
 )
 from saber_pl.video import VIDEO_EXTENSIONS, VideoError, decode_clip  # noqa: E402
 from saber_pl.wan import VideoVAE  # noqa: E402
@@ -64,37 +63,32 @@ def latent_records(url: str, vae: VideoVAE, data: DataConfig, batch_size: int, n
     picks = stored_frames(data.num_frames, n_frames)
     window = {"num_frames": data.num_frames, "fps": data.fps, "height": data.height, "width": data.width,
               "start": 0, "frames": picks}
-    buf: list[tuple[str, torch.Tensor]] = []
 
-    def flush() -> Iterator[dict]:
-        clips = torch.stack([c for _, c in buf])  # [B, F, 3, H, W] uint8
-        video = clips.permute(0, 2, 1, 3, 4).float().div(127.5).sub(1.0)  # [B, 3, F, H, W], as on_after_batch_transfer
+    def clips() -> Iterator[tuple[str, torch.Tensor]]:
+        for raw in shard_samples(url):
+            ext = next((e for e in VIDEO_EXTENSIONS if e in raw), None)
+            if ext is None:
+                skipped["missing_video"] += 1
+                continue
+            try:
+                clip = decode_clip(raw[ext], data.num_frames, data.fps, data.height, data.width, start=0,
+                                   threads=data.decode_threads)  # [F, 3, H, W]
+            except VideoError as exn:
+                skipped[exn.reason] += 1
+                continue
+            except Exception:  # anything else PyAV throws at a broken file, as the DataModule
+                skipped["corrupt_video"] += 1
+                continue
+            yield raw["__key__"], clip
+
+    for batch in batched(clips(), batch_size):
+        frames = torch.stack([c for _, c in batch])  # [B, F, 3, H, W] uint8
+        video = frames.permute(0, 2, 1, 3, 4).float().div(127.5).sub(1.0)  # [B, 3, F, H, W], as on_after_batch_transfer
         z = vae.encode(video.to(device, compute))  # [B, C, f, h, w]
-        for (key, clip), latent in zip(buf, z):
+        for (key, clip), latent in zip(batch, z):
             rec = {"__key__": key, LATENT_MEMBER: tensor_bytes("latent", latent.to(dtype), window)}
             rec.update({f"frame{j}.png": png(clip[i]) for j, i in enumerate(picks)})
             yield rec
-        buf.clear()
-
-    for raw in wds.tarfile_to_samples(handler=wds.warn_and_continue)(iter([{"url": url}])):
-        ext = next((e for e in VIDEO_EXTENSIONS if e in raw), None)
-        if ext is None:
-            skipped["missing_video"] += 1
-            continue
-        try:
-            clip = decode_clip(raw[ext], data.num_frames, data.fps, data.height, data.width, start=0,
-                               threads=data.decode_threads)  # [F, 3, H, W]
-        except VideoError as exn:
-            skipped[exn.reason] += 1
-            continue
-        except Exception:  # anything else PyAV throws at a broken file, as the DataModule
-            skipped["corrupt_video"] += 1
-            continue
-        buf.append((raw["__key__"], clip))
-        if len(buf) == batch_size:
-            yield from flush()
-    if buf:
-        yield from flush()
 
 
 def main(argv: list[str] | None = None) -> int:

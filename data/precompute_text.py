@@ -25,14 +25,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import webdataset as wds
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from saber_pl.datamodule import caption_of  # noqa: E402
 from saber_pl.sidecars import (  # noqa: E402
-    DTYPES, EMPTY, TEXT_MEMBER, atomic_write, caption_digest, compute_device, frozen_encoders, rank_world,
-    tensor_bytes, tool_config, tool_parser, tool_shards, write_sidecars,
+    DTYPES, EMPTY, TEXT_MEMBER, atomic_write, batched, caption_digest, compute_device, frozen_encoders,
+    rank_world, shard_samples, tensor_bytes, tool_config, tool_parser, tool_shards, write_sidecars,
 )
 from saber_pl.wan import TextEncoder  # noqa: E402
 
@@ -46,23 +45,12 @@ def embed(encoder: TextEncoder, captions: list[str], dtype: torch.dtype) -> list
 
 def text_records(url: str, encoder: TextEncoder, batch_size: int, dtype: torch.dtype) -> Iterator[dict]:
     """The text sidecar samples of one shard, in its order (samples without a caption have none)."""
-    buf: list[tuple[str, str]] = []
-
-    def flush() -> Iterator[dict]:
-        for (key, caption), e in zip(buf, embed(encoder, [c for _, c in buf], dtype)):
+    captioned = ((raw["__key__"], caption_of(raw)) for raw in shard_samples(url))
+    keep = ((key, c) for key, c in captioned if c is not None)  # no caption: training skips it as missing_caption
+    for batch in batched(keep, batch_size):
+        for (key, caption), e in zip(batch, embed(encoder, [c for _, c in batch], dtype)):
             meta = {"caption": caption_digest(caption), "text_len": encoder.text_len, "tokens": int(e.shape[0])}
             yield {"__key__": key, TEXT_MEMBER: tensor_bytes("emb", e, meta)}
-        buf.clear()
-
-    for raw in wds.tarfile_to_samples(handler=wds.warn_and_continue)(iter([{"url": url}])):
-        caption = caption_of(raw)
-        if caption is None:  # training skips it as missing_caption
-            continue
-        buf.append((raw["__key__"], caption))
-        if len(buf) == batch_size:
-            yield from flush()
-    if buf:
-        yield from flush()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -130,6 +130,25 @@ def joined_samples(src: Iterable[dict], templates: list[str], handler: Callable[
 # ------------------------------------------------------------------------------------------- writing (tools)
 
 
+def batched(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
+    """Consecutive lists of `n` items (the last one shorter): the tools' encoder batches."""
+    buf: list[Any] = []
+    for item in items:
+        buf.append(item)
+        if len(buf) == n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def shard_samples(url: str) -> Iterator[dict]:
+    """The raw samples of one shard, in order; a broken member is warned about and skipped."""
+    import webdataset as wds
+
+    return wds.tarfile_to_samples(handler=wds.warn_and_continue)(iter([{"url": url}]))
+
+
 def rank_world(rank: int | None, world: int | None) -> tuple[int, int]:
     """This process's share: explicit ``--rank/--world``, else torchrun's RANK / WORLD_SIZE, else (0, 1)."""
     rank = rank if rank is not None else int(os.environ.get("RANK", 0))
@@ -221,8 +240,13 @@ def tool_config(args: Any) -> Any:
     """The run config a tool works for (``--exp/--scale/--wan-dir`` + overrides, as saber_pl.train)."""
     from saber_pl.config import load_config
 
+    from saber_pl.config import ConfigError
+
     overrides = list(args.overrides) + ([f"model.wan_dir={args.wan_dir}"] if args.wan_dir else [])
-    return load_config(args.exp, args.scale, overrides)
+    try:
+        return load_config(args.exp, args.scale, overrides)
+    except ConfigError as err:
+        raise SystemExit(f"config error: {err}") from None  # exit code 1 with the message, no traceback
 
 
 def tool_shards(args: Any, cfg: Any) -> list[str]:
@@ -231,8 +255,13 @@ def tool_shards(args: Any, cfg: Any) -> list[str]:
 
     specs = [args.shards] if args.shards else [s for s in (cfg.data.train_shards, cfg.data.val_shards) if s]
     if not specs:
-        raise ValueError("no shards: pass --shards (or set data.train_shards)")
-    return list(dict.fromkeys(u for spec in specs for u in expand_shards(spec)))
+        raise SystemExit("error: no shards: pass --shards (or set data.train_shards)")
+    urls = list(dict.fromkeys(u for spec in specs for u in expand_shards(spec)))
+    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).exists()]
+    if missing:  # a typo would otherwise write empty sidecars, and training would skip every sample
+        raise SystemExit(f"error: {len(missing)} of {len(urls)} shard(s) not found: {', '.join(missing[:3])}"
+                         + (" ..." if len(missing) > 3 else ""))
+    return urls
 
 
 def tool_parser(doc: str) -> Any:

@@ -235,3 +235,14 @@ def test_knobs_need_their_sidecars_and_real_scales_skip_umt5(tmp_path: Path, mon
     frozen = loading.LazyFrozenParts(wan.ModelConfig(scale="14B", wan_dir=str(folder)), text_encoder=False)
     frozen.to(torch.device("cpu"), torch.float32)
     assert frozen.text_encoder is None and frozen.tokenize is None and isinstance(frozen.vae, wan.VideoVAE)
+
+
+@pytest.mark.parametrize("tool", ["precompute_text", "cache_latents"])
+def test_tools_stop_on_missing_shards_and_bad_keys(tool: str, tmp_path: Path) -> None:
+    """A typo in --shards would write empty sidecars (every sample then skipped in training): it stops instead."""
+    main = {"precompute_text": precompute_text, "cache_latents": cache_latents}[tool].main
+    with pytest.raises(SystemExit, match=r"2 of 2 shard\(s\) not found: .*nope-000.tar"):
+        main(["--scale", "tiny", "--shards", str(tmp_path / "nope-{000..001}.tar"), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="config error: unknown config key 'bogus'"):
+        main(["--scale", "tiny", "--out", str(tmp_path / "o"), "bogus.key=1"])
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
