@@ -3,8 +3,9 @@
     python data/make_embedded.py --out data/embedded             # 1024 train clips (8 shards) + 64 val
     python data/make_embedded.py --out /tmp/e --train 64 --val 16 --workers 2
 
-Clips: 33 frames at 16 fps, 128x128, h264 mp4, captions without colours or textures; see
-saber_pl/synthetic.py and docs/data.md.
+Clips: 17 frames at 16 fps, 64x64, h264 mp4, one subject sliding over a plain, striped, gradient or
+checkered background, captions without colours or textures; see saber_pl/synthetic.py and docs/data.md.
+A harder set: --motions all --backgrounds all --max-subjects 2 --subject-radius 0.14 0.24.
 """
 
 import argparse
@@ -15,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from saber_pl.synthetic import SyntheticConfig, build_embedded  # noqa: E402
+from saber_pl.synthetic import BACKGROUNDS, MOTIONS, SyntheticConfig, build_embedded  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,10 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train", type=int, default=1024, help="training clips")
     p.add_argument("--val", type=int, default=64, help="validation clips (one shard)")
     p.add_argument("--maxcount", type=int, default=128, help="clips per training shard")
-    p.add_argument("--frames", type=int, default=33)
-    p.add_argument("--fps", type=float, default=16.0)
-    p.add_argument("--height", type=int, default=128)
-    p.add_argument("--width", type=int, default=128)
+    d = SyntheticConfig()
+    p.add_argument("--frames", type=int, default=d.num_frames)
+    p.add_argument("--fps", type=float, default=d.fps)
+    p.add_argument("--height", type=int, default=d.height)
+    p.add_argument("--width", type=int, default=d.width)
+    p.add_argument("--motions", nargs="+", default=list(d.motions), help=f"of {' '.join(MOTIONS)}, or all")
+    p.add_argument("--backgrounds", nargs="+", default=list(d.backgrounds), help=f"of {' '.join(BACKGROUNDS)}, or all")
+    p.add_argument("--max-subjects", type=int, default=d.max_subjects)
     p.add_argument("--subject-radius", type=float, nargs=2, default=SyntheticConfig.subject_radius,
                    metavar=("LOW", "HIGH"), help="subject radius range, fraction of min(H, W)")
     p.add_argument("--seed", type=int, default=0)
@@ -36,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         cfg = SyntheticConfig(num_frames=a.frames, fps=a.fps, height=a.height, width=a.width,
-                              subject_radius=tuple(a.subject_radius))
+                              subject_radius=tuple(a.subject_radius), max_subjects=a.max_subjects,
+                              motions=MOTIONS if a.motions == ["all"] else tuple(a.motions),
+                              backgrounds=BACKGROUNDS if a.backgrounds == ["all"] else tuple(a.backgrounds))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

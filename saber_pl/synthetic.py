@@ -45,15 +45,26 @@ BACKGROUND_WORDS = {
 
 @dataclass
 class SyntheticConfig:
-    """Size and content of the procedural clips (defaults = the embedded data set, see docs/data.md)."""
+    """Size and content of the procedural clips (defaults = the embedded data set, see docs/data.md).
 
-    num_frames: int = 33  # frames per clip (1 + 4k for the Wan VAE: 33 -> 9 latent frames)
+    The defaults are sized for the mini scale (32x32 pixels, 8x8 DiT tokens of 4x4 pixels, 9 frames):
+    one subject large enough to span several tokens, backgrounds whose structure is coarser than a
+    token, and the four slide motions over the whole clip. The kinds and ranges are knobs, so a
+    harder set (all nine motions, noise backgrounds, two subjects) is one flag away (docs/data.md).
+    """
+
+    num_frames: int = 17  # frames per clip: 17 at 16 fps -> the mini window (9 frames at 8 fps) is the whole clip
     fps: float = 16.0  # frame rate written into the mp4
-    height: int = 128  # frame height (even, for yuv420p)
-    width: int = 128  # frame width (even, for yuv420p)
-    subject_radius: tuple[float, float] = (0.14, 0.24)  # subject radius range / min(H, W) (~8% of the frame)
-    max_subjects: int = 2  # 1..max_subjects subjects per clip
+    height: int = 64  # frame height (even, for yuv420p: 2x the mini size keeps the chroma sharp)
+    width: int = 64  # frame width (even, for yuv420p)
+    subject_radius: tuple[float, float] = (0.2, 0.3)  # subject radius range / min(H, W) (~25% of the frame)
+    max_subjects: int = 1  # 1..max_subjects subjects per clip
     two_subject_prob: float = 0.3  # probability of more than one subject (when max_subjects > 1)
+    motions: tuple[str, ...] = ("slide_left", "slide_right", "slide_up", "slide_down")  # of MOTIONS
+    backgrounds: tuple[str, ...] = ("plain", "stripes", "gradient", "checker")  # of BACKGROUNDS
+    background_freq: tuple[float, float] = (1.5, 2.5)  # stripe / checker cycles across the frame
+    background_contrast: float = 0.3  # min value difference of the two background colours (0..1)
+    texture_freq: tuple[float, float] = (1.5, 3.0)  # subject texture cycles across its diameter
     supersample: int = 2  # render at this factor and area-downsample (anti-aliased edges)
     crf: int = 20  # x264 quality of the written mp4
     references: bool = True  # store a product photo + mask per subject (ref<i>.png, ref<i>.mask.png)
@@ -72,6 +83,17 @@ class SyntheticConfig:
             raise ValueError(f"max_subjects must be >= 1, got {self.max_subjects}")
         if not 0.0 <= self.two_subject_prob <= 1.0:
             raise ValueError(f"two_subject_prob must be in [0, 1], got {self.two_subject_prob}")
+        self.motions, self.backgrounds = tuple(self.motions), tuple(self.backgrounds)
+        for name, got, known in (("motions", self.motions, MOTIONS), ("backgrounds", self.backgrounds, BACKGROUNDS)):
+            bad = [k for k in got if k not in known]
+            if not got or bad:
+                raise ValueError(f"{name} must be a non-empty subset of {known}, got {list(got)}")
+        for name in ("background_freq", "texture_freq"):
+            lo, hi = getattr(self, name)
+            if not 0.0 < lo <= hi:
+                raise ValueError(f"{name} must satisfy 0 < low <= high, got {getattr(self, name)}")
+        if not 0.0 <= self.background_contrast <= 0.5:
+            raise ValueError(f"background_contrast must be in [0, 0.5], got {self.background_contrast}")
         if self.supersample < 1:
             raise ValueError(f"supersample must be >= 1, got {self.supersample}")
 
@@ -152,7 +174,8 @@ def _subject_color(rng: np.random.Generator, avoid_hue: float) -> tuple[RGB, RGB
 
 
 def sample_subject(rng: np.random.Generator, avoid_hue: float = 0.0,
-                   radius: tuple[float, float] = (0.14, 0.24)) -> SubjectSpec:
+                   radius: tuple[float, float] = SyntheticConfig.subject_radius,
+                   texture_freq: tuple[float, float] = SyntheticConfig.texture_freq) -> SubjectSpec:
     """Draw a random subject (shape, texture, colours, size: radius / min(H, W) uniform in `radius`)."""
     color, color2, _ = _subject_color(rng, avoid_hue)
     shape = str(rng.choice(SHAPES))
@@ -163,15 +186,16 @@ def sample_subject(rng: np.random.Generator, avoid_hue: float = 0.0,
         color=color,
         color2=color2,
         radius=float(rng.uniform(*radius)),
-        texture_freq=float(rng.uniform(2.0, 4.5)),
+        texture_freq=float(rng.uniform(*texture_freq)),
         texture_angle=float(rng.uniform(0.0, 180.0)),
         blob=blob,
     )
 
 
-def sample_motion(rng: np.random.Generator, kind: str | None = None) -> MotionSpec:
-    """Draw a motion of `kind` (random if None) that keeps the subject mostly in frame."""
-    kind = kind or str(rng.choice(MOTIONS))
+def sample_motion(rng: np.random.Generator, kind: str | None = None,
+                  kinds: tuple[str, ...] = MOTIONS) -> MotionSpec:
+    """Draw a motion of `kind` (else one of `kinds`) that keeps the subject mostly in frame."""
+    kind = kind or str(rng.choice(list(kinds)))
     cx, cy = rng.uniform(0.3, 0.7, size=2)
     dist = rng.uniform(0.3, 0.45)
     s0 = rng.uniform(0.85, 1.15)
@@ -207,16 +231,26 @@ def sample_motion(rng: np.random.Generator, kind: str | None = None) -> MotionSp
     return MotionSpec(kind, f(start), f(end), f(scale), f(angle), bounces, round(hop, 4))
 
 
-def sample_background(rng: np.random.Generator) -> tuple[BackgroundSpec, float]:
-    """Draw a background (muted colours) and return it with its hue."""
+def sample_background(rng: np.random.Generator, cfg: SyntheticConfig | None = None) -> tuple[BackgroundSpec, float]:
+    """Draw a background (muted colours, values at least `background_contrast` apart) and return it with its hue."""
+    cfg = cfg or SyntheticConfig()
     hue = float(rng.uniform())
-    c1 = _hsv_to_rgb(hue, rng.uniform(0.0, 0.45), rng.uniform(0.2, 0.9))
-    c2 = _hsv_to_rgb((hue + rng.uniform(-0.08, 0.08)) % 1.0, rng.uniform(0.0, 0.45), rng.uniform(0.2, 0.9))
+    v1 = float(rng.uniform(0.2, 0.9))
+    # the second value: uniform over [0.2, 0.9] minus the band within `contrast` of v1 (stripes stay visible)
+    c = cfg.background_contrast
+    below, above = max(0.0, v1 - c - 0.2), max(0.0, 0.9 - v1 - c)
+    if below + above > 0:
+        u = float(rng.uniform(0.0, below + above))
+        v2 = 0.2 + u if u < below else v1 + c + (u - below)
+    else:  # no value in [0.2, 0.9] is far enough: step out of the range, staying in [0, 1]
+        v2 = v1 + c if v1 + c <= 1.0 else v1 - c
+    c1 = _hsv_to_rgb(hue, rng.uniform(0.0, 0.45), v1)
+    c2 = _hsv_to_rgb((hue + rng.uniform(-0.08, 0.08)) % 1.0, rng.uniform(0.0, 0.45), v2)
     spec = BackgroundSpec(
-        kind=str(rng.choice(BACKGROUNDS)),
+        kind=str(rng.choice(list(cfg.backgrounds))),
         color=c1,
         color2=c2,
-        freq=float(rng.uniform(3.0, 9.0)),
+        freq=float(rng.uniform(*cfg.background_freq)),
         angle=float(rng.uniform(0.0, 180.0)),
         noise_seed=int(rng.integers(0, 2**31 - 1)),
     )
@@ -261,12 +295,12 @@ def sample_clip_spec(seed: int, cfg: SyntheticConfig | None = None) -> ClipSpec:
     """Draw a whole clip spec from `seed` (same seed and cfg -> same clip)."""
     cfg = cfg or SyntheticConfig()
     rng = np.random.default_rng(seed)
-    background, bg_hue = sample_background(rng)
+    background, bg_hue = sample_background(rng, cfg)
     n = 1
     if cfg.max_subjects > 1 and rng.uniform() < cfg.two_subject_prob:
         n = int(rng.integers(2, cfg.max_subjects + 1))
-    subjects = [sample_subject(rng, bg_hue, cfg.subject_radius) for _ in range(n)]
-    motions = [sample_motion(rng) for _ in range(n)]
+    subjects = [sample_subject(rng, bg_hue, cfg.subject_radius, cfg.texture_freq) for _ in range(n)]
+    motions = [sample_motion(rng, kinds=cfg.motions) for _ in range(n)]
     if n > 1:  # spread the subjects apart horizontally/vertically so they do not overlap completely
         for i, m in enumerate(motions):
             off = (i - (n - 1) / 2) * 0.25
@@ -367,7 +401,8 @@ def render_background(bg: BackgroundSpec, height: int, width: int) -> np.ndarray
     elif bg.kind == "gradient":
         w = (d - d.min()) / max(float(d.max() - d.min()), 1e-6)
     elif bg.kind == "checker":
-        w = ((np.floor(x * bg.freq) + np.floor(y * bg.freq)) % 2).astype(np.float32)
+        f = 2.0 * bg.freq  # one cycle = two cells, as for stripes
+        w = ((np.floor(x * f) + np.floor(y * f)) % 2).astype(np.float32)
     elif bg.kind == "noise":  # smooth value noise plus a little grain
         g = np.random.default_rng(bg.noise_seed)
         coarse = torch.from_numpy(g.uniform(size=(1, 1, 6, 6)).astype(np.float32))

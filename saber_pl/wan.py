@@ -55,6 +55,8 @@ class ModelConfig:
     max_refs: int = 8  # most references per clip accepted (quality degrades around 12 per the paper)
     text_len: int | None = None  # text tokens per prompt; None = the scale's (512 at 1.3B/14B as Wan pads)
     seed: int = 0  # seed of the random weights of tiny/mini components (identical on every rank)
+    # how random DiT weights are drawn (init=random, tiny/mini): the layers' default, or DiT's adaLN-Zero
+    random_weights: Literal["default", "adaln_zero"] = "default"
 
     def __post_init__(self) -> None:
         if self.scale not in SCALES:
@@ -68,6 +70,8 @@ class ModelConfig:
         for name in ("valid_threshold", "mask_threshold"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if self.random_weights not in ("default", "adaln_zero"):
+            raise ValueError(f"random_weights must be 'default' or 'adaln_zero', got {self.random_weights!r}")
         if self.ref_rope_offset < 0:
             raise ValueError(f"ref_rope_offset must be >= 0, got {self.ref_rope_offset}")
         if self.max_refs < 1:
@@ -357,11 +361,43 @@ def saber_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     )
 
 
-def random_wan(dit: dict[str, Any], init: str) -> WanTransformer3DModel:
-    """A random Wan DiT: T2V layout for init=t2v (widened later, new channels at zero), else 2C+4 inputs."""
-    if init == "t2v":
-        return WanTransformer3DModel(**dit)
-    return WanTransformer3DModel(**{**dit, "in_channels": 2 * dit["out_channels"] + 4})
+def random_wan(dit: dict[str, Any], init: str, weights: str = "default") -> WanTransformer3DModel:
+    """A random Wan DiT: T2V layout for init=t2v (widened later, new channels at zero), else 2C+4 inputs.
+
+    weights: "default" = the layers' own initialisation; "adaln_zero" = `adaln_zero_` (DiT's recipe).
+    """
+    wan = WanTransformer3DModel(**(dit if init == "t2v" else {**dit, "in_channels": 2 * dit["out_channels"] + 4}))
+    if weights == "adaln_zero":
+        adaln_zero_(wan)
+    elif weights != "default":
+        raise ValueError(f"random weights must be 'default' or 'adaln_zero', got {weights!r}")
+    return wan
+
+
+@torch.no_grad()
+def adaln_zero_(wan: WanTransformer3DModel) -> WanTransformer3DModel:
+    """DiT's initialisation of a from-scratch model (Peebles & Xie 2023, "adaLN-Zero"), in place.
+
+    Xavier-uniform linear layers with zero biases, N(0, 0.02) timestep MLP, and zeros wherever a
+    block writes into the residual stream: the modulation (`scale_shift_table`s and `time_proj`, so
+    every gate starts at 0), the cross-attention output (Wan has no gate there) and `proj_out`. Each
+    block starts as the identity and the model predicts v = 0, which DiT found trains markedly faster
+    than the layers' default init; pretrained scales never use it (they load Wan's weights).
+    """
+    for module in wan.modules():
+        if isinstance(module, (nn.Linear, nn.Conv3d)):
+            nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    for linear in (wan.condition_embedder.time_embedder.linear_1, wan.condition_embedder.time_embedder.linear_2):
+        nn.init.normal_(linear.weight, std=0.02)
+    zeros = [wan.condition_embedder.time_proj, wan.proj_out] + [b.attn2.to_out[0] for b in wan.blocks]
+    for linear in zeros:
+        nn.init.zeros_(linear.weight)
+        nn.init.zeros_(linear.bias)
+    for table in [wan.scale_shift_table] + [b.scale_shift_table for b in wan.blocks]:
+        nn.init.zeros_(table)
+    return wan
 
 
 def meta_wan(scale: str, i2v: bool = False, in_channels: int | None = None) -> WanTransformer3DModel:
@@ -433,7 +469,7 @@ def _pretrained_wan(cfg: ModelConfig, root: Path, dtype: torch.dtype) -> WanTran
         return _load_wan(cfg, root, dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return _cast(random_wan(cfg.spec.dit, cfg.init), dtype)
+        return _cast(random_wan(cfg.spec.dit, cfg.init, cfg.random_weights), dtype)
 
 
 def saber_dit(cfg: ModelConfig, wan: WanTransformer3DModel) -> SaberTransformer:
@@ -490,7 +526,7 @@ def build_components(cfg: ModelConfig, device: str | torch.device = "cpu", dtype
     else:
         with torch.random.fork_rng(devices=[]):  # same random weights on every rank
             torch.manual_seed(cfg.seed)
-            wan = random_wan(spec.dit, cfg.init)  # built even when loaded below: the umT5 draws come after it
+            wan = random_wan(spec.dit, cfg.init, cfg.random_weights)  # built even when loaded below: umT5 draws next
             encoder = UMT5EncoderModel(UMT5Config(**spec.umt5)) if text_encoder else None
         if (folder := dit_folder(cfg)) is not None:
             wan = _load_wan(cfg, folder.parent, dtype)

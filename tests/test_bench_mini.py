@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from saber_pl.eval.mini import BenchConfig, make_cases, retrieval_accuracy, run, save_grid
+from saber_pl.eval.mini import BenchConfig, bootstrap, make_cases, retrieval_accuracy, run, save_grid
 
 
 @pytest.fixture(scope="module")
@@ -26,19 +27,28 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> BenchConfig:
 def test_report_and_metrics(bench: BenchConfig) -> None:
     out = Path(bench.out)
     table = (out / "results.md").read_text()
-    assert "| saber_full |" in table and "| t2v_baseline |" in table
+    assert "| saber_full |" in table and "| t2v_baseline |" in table and "| real clips |" in table
     rows = json.loads((out / "results.json").read_text())
+    real = rows.pop("real clips")
+    # the cases' real clips (rendered, mp4, decoded at the run's size) have the subject, its motion, its background
+    # and its identity: what a perfect model scores
+    for key in ("subject", "text_following", "background", "identity", "frames_ok"):
+        assert real["metrics"][key]["mean"] == 1.0, key
     for exp, r in rows.items():
-        assert 0.0 <= r["identity_acc"] <= 1.0 and r["chance"] == pytest.approx(1 / 3)
-        assert 0.0 <= r["copy_paste"] <= 1.0 and 0.0 <= r["text_following"] <= 1.0
-        assert 0.0 <= r["consistency_own"] <= 1.0 and 0.0 <= r["smoothness"] <= 1.0
+        for key, m in r["metrics"].items():
+            if m["n"]:
+                assert m["lo"] <= m["mean"] <= m["hi"], (exp, key, m)
+        assert len(r["per_case"]["identity"]) == bench.cases
+        # two training steps of a tiny model: noise, never a found subject, so never an identity hit
+        assert r["metrics"]["subject"]["mean"] == 0.0 and r["metrics"]["identity"]["mean"] == 0.0
         assert r["steps"] == 2 and r["train_minutes"] > 0 and r["samples_per_s"] > 0
         assert (out / f"{exp}-tiny" / "bench_grid.png").is_file()
     assert rows["saber_full"]["references_used"] and not rows["t2v_baseline"]["references_used"]
     # A second run reuses the trained checkpoints and the scores (resumable) and gives the same numbers.
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*-tiny/*.json")}
     again = run(bench)
-    assert json.loads((out / "results.json").read_text()) == rows and again == out / "results.md"
+    assert json.loads((out / "results.json").read_text()) == {"real clips": real} | rows
+    assert again == out / "results.md"
     assert {p: p.stat().st_mtime_ns for p in out.glob("*-tiny/*.json")} == stamps
     # Other sampler settings re-score (same checkpoints, not retrained).
     run(dataclasses.replace(bench, guidance=2.0, experiments=["saber_full"]))
@@ -74,12 +84,26 @@ def test_cases_are_deterministic_and_identity_free(tmp_path: Path) -> None:
     colours = {"red", "green", "blue", "yellow", "orange", "purple", "pink", "white", "black"}
     assert not any(word in colours for c in a for word in c.prompt.lower().split())
     assert {c.motion for c in a} == {"slide_left", "slide_right", "slide_up", "slide_down"}
+    kinds = [c.background for c in make_cases(tmp_path / "c", 16, 7)]
+    assert sorted(set(kinds)) == ["checker", "gradient", "plain", "stripes"] and kinds.count("plain") == 4
+
+
+def test_bootstrap_interval_covers_the_mean_and_shrinks_with_cases() -> None:
+    small = bootstrap([1.0, 0.0] * 8, 500)
+    large = bootstrap([1.0, 0.0] * 200, 500)
+    assert small["lo"] < 0.5 < small["hi"] and large["lo"] < 0.5 < large["hi"]
+    assert large["hi"] - large["lo"] < (small["hi"] - small["lo"]) / 3  # ~ 1/sqrt(n)
+    assert bootstrap([1.0] * 10, 100) == {"mean": 1.0, "lo": 1.0, "hi": 1.0, "n": 10}
+    assert bootstrap([math.nan, 0.5], 100)["n"] == 1 and bootstrap([], 100)["n"] == 0
 
 
 def test_retrieval_accuracy_against_hand_computed() -> None:
     scores = torch.tensor([[0.9, 0.1, 0.2], [0.5, 0.4, 0.3], [0.1, 0.2, 0.8]])
     assert retrieval_accuracy(scores, 3) == pytest.approx(2 / 3)  # video 1 prefers reference 0
     assert retrieval_accuracy(scores, 2) == pytest.approx(1.0)  # pools (0,1), (1,2), (2,0): all own wins
+    # a video without a subject (-inf row) is never a hit, even though argmax of its pool is its own
+    scores[2] = -math.inf
+    assert retrieval_accuracy(scores, 3) == pytest.approx(1 / 3)
 
 
 def test_grid_shape(tmp_path: Path) -> None:

@@ -19,6 +19,8 @@ from saber_pl.shards import main as pack_main
 from saber_pl.shards import manifest_items, pack, sidecar_items
 from saber_pl.synthetic import (
     BACKGROUND_WORDS,
+    BACKGROUNDS,
+    MOTIONS,
     NOUNS,
     SyntheticConfig,
     build_embedded,
@@ -163,11 +165,15 @@ def test_subject_radius_knob_sizes_subjects_and_is_checked() -> None:
         SyntheticConfig(subject_radius=(0.3, 0.2))
 
 
-def test_captions_name_motion_and_background_never_colours_or_textures() -> None:
+@pytest.mark.parametrize("cfg", [SMALL, dataclasses.replace(SMALL, motions=MOTIONS, backgrounds=BACKGROUNDS,
+                                                              max_subjects=2)], ids=["embedded", "all-kinds"])
+def test_captions_name_motion_and_background_never_colours_or_textures(cfg: SyntheticConfig) -> None:
     vocab: set[str] = set()
     kinds: set[str] = set()
+    backgrounds: set[str] = set()
     for seed in range(150):
-        spec = sample_clip_spec(seed, SMALL)
+        spec = sample_clip_spec(seed, cfg)
+        backgrounds.add(spec.background.kind)
         words = set(re.findall(r"[a-z]+", spec.caption))
         vocab |= words
         kinds |= {m.kind for m in spec.motions}
@@ -179,8 +185,20 @@ def test_captions_name_motion_and_background_never_colours_or_textures() -> None
         assert make_caption(spec.noun, spec.motions, spec.background) == spec.caption
     subject_words = vocab - {w for p in BACKGROUND_WORDS.values() for w in p.split()}
     assert not subject_words & TEXTURE_WORDS
-    assert len(kinds) >= 8  # many motions in the mix
+    assert kinds == set(cfg.motions) and backgrounds == set(cfg.backgrounds)  # every kind drawn, no other
     assert {n.split()[1] for n in NOUNS} <= vocab
+
+
+def test_content_knobs_are_checked_and_keep_backgrounds_visible() -> None:
+    for bad in (dict(motions=("slide_left", "teleport")), dict(backgrounds=()), dict(background_freq=(2.0, 1.0)),
+                dict(texture_freq=(0.0, 1.0)), dict(background_contrast=0.6)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SyntheticConfig(**bad)
+    # the two background colours differ in value by >= background_contrast, so stripes/checks stay visible
+    for seed in range(100):
+        bg = sample_clip_spec(seed, SMALL).background
+        v1, v2 = (max(c) / 255 for c in (bg.color, bg.color2))
+        assert abs(v1 - v2) >= SMALL.background_contrast - 0.01, bg
 
 
 def test_record_keeps_subjects_and_trajectories_and_product_photo() -> None:

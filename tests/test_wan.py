@@ -9,7 +9,7 @@ from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 from saber_pl.dit import drop_image_branch
 from saber_pl.wan import (
     SCALES, ModelConfig, PixelAutoencoder, VideoVAE, build_components, meta_transformer, meta_wan, num_params,
-    rebuild_rope, spectral_basis,
+    random_wan, rebuild_rope, spectral_basis,
 )
 
 
@@ -179,3 +179,36 @@ def test_missing_wan_dir_is_reported(tmp_path, monkeypatch):
     (tmp_path / "vae").mkdir()
     with pytest.raises(ValueError, match="wan_dir.*lacks.*transformer"):
         build_components(ModelConfig(scale="14B", wan_dir=str(tmp_path)))
+
+
+def test_adaln_zero_starts_every_block_as_identity_and_trains():
+    """DiT's init for from-scratch weights (mini): v = 0 at step 0, blocks identity, one AdamW step moves v."""
+    torch.manual_seed(0)
+    wan = random_wan(SCALES["tiny"]().dit, "random", "adaln_zero")
+    x = torch.randn(2, 36, 2, 8, 8)
+    t = torch.tensor([300.0, 800.0])
+    text = torch.randn(2, 16, 32)
+    assert wan(x, t, text, return_dict=False)[0].abs().max() == 0  # proj_out and gates at zero
+    opt = torch.optim.AdamW(wan.parameters(), lr=1e-3)
+    target = torch.randn(2, 16, 2, 8, 8)
+    for _ in range(3):
+        loss = (wan(x, t, text, return_dict=False)[0] - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    out = wan(x, t, text, return_dict=False)[0]
+    assert out.abs().mean() > 1e-3 and (out - target).pow(2).mean() < loss  # it learns from zero
+    default = random_wan(SCALES["tiny"]().dit, "random")
+    assert default.proj_out.weight.abs().sum() > 0  # the layers' own init stays the default
+    with pytest.raises(ValueError, match="random_weights"):
+        ModelConfig(scale="tiny", random_weights="zeros")
+
+
+def test_adaln_zero_blocks_are_identity_at_init():
+    torch.manual_seed(0)
+    wan = random_wan(SCALES["tiny"]().dit, "random", "adaln_zero")
+    seen = []
+    wan.blocks[0].register_forward_hook(lambda m, inp, out: seen.append((inp[0].clone(), out.clone())))
+    wan(torch.randn(1, 36, 2, 8, 8), torch.tensor([500.0]), torch.randn(1, 16, 32), return_dict=False)
+    block_in, block_out = seen[0]
+    assert torch.equal(block_in, block_out)
