@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml setup.cfg constraints.txt
 
 install: $(STAMP)
 
-$(EMBEDDED): | $(STAMP)
+$(EMBEDDED): saber_pl/synthetic.py data/make_embedded.py | $(STAMP)
 	$(PY) data/make_embedded.py --out data/embedded
 
 # make data ARGS='--subject-radius 0.28 0.4' (see python data/make_embedded.py --help)

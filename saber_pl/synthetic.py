@@ -65,6 +65,10 @@ class SyntheticConfig:
     background_freq: tuple[float, float] = (1.5, 2.5)  # stripe / checker cycles across the frame
     background_contrast: float = 0.3  # min value difference of the two background colours (0..1)
     texture_freq: tuple[float, float] = (1.5, 3.0)  # subject texture cycles across its diameter
+    # slides: the path's centre is the frame's centre +- this (fraction of the frame; 0.2 = anywhere the
+    # subject stays in view), so the prompt alone says roughly where the subject is in each frame
+    path_jitter: float = 0.05
+    background_angles: tuple[float, ...] | None = (0.0, 90.0)  # stripes / gradient directions; None = any angle
     supersample: int = 2  # render at this factor and area-downsample (anti-aliased edges)
     crf: int = 20  # x264 quality of the written mp4
     references: bool = True  # store a product photo + mask per subject (ref<i>.png, ref<i>.mask.png)
@@ -92,6 +96,12 @@ class SyntheticConfig:
             lo, hi = getattr(self, name)
             if not 0.0 < lo <= hi:
                 raise ValueError(f"{name} must satisfy 0 < low <= high, got {getattr(self, name)}")
+        if not 0.0 <= self.path_jitter <= 0.25:
+            raise ValueError(f"path_jitter must be in [0, 0.25], got {self.path_jitter}")
+        if self.background_angles is not None:
+            self.background_angles = tuple(float(a) for a in self.background_angles)
+            if not self.background_angles:
+                raise ValueError("background_angles must be None (any angle) or a non-empty list of degrees")
         if not 0.0 <= self.background_contrast <= 0.5:
             raise ValueError(f"background_contrast must be in [0, 0.5], got {self.background_contrast}")
         if self.supersample < 1:
@@ -193,8 +203,11 @@ def sample_subject(rng: np.random.Generator, avoid_hue: float = 0.0,
 
 
 def sample_motion(rng: np.random.Generator, kind: str | None = None,
-                  kinds: tuple[str, ...] = MOTIONS) -> MotionSpec:
-    """Draw a motion of `kind` (else one of `kinds`) that keeps the subject mostly in frame."""
+                  kinds: tuple[str, ...] = MOTIONS, jitter: float = 0.2) -> MotionSpec:
+    """Draw a motion of `kind` (else one of `kinds`) that keeps the subject mostly in frame.
+
+    jitter: a slide's path is centred on the frame's centre +- jitter (0.2: the old, anywhere-in-view paths).
+    """
     kind = kind or str(rng.choice(list(kinds)))
     cx, cy = rng.uniform(0.3, 0.7, size=2)
     dist = rng.uniform(0.3, 0.45)
@@ -202,12 +215,11 @@ def sample_motion(rng: np.random.Generator, kind: str | None = None,
     a0 = rng.uniform(-20.0, 20.0)
     start, end, scale, angle = (cx, cy), (cx, cy), (s0, s0), (a0, a0)
     bounces, hop = 0, 0.0
-    if kind in ("slide_left", "slide_right"):
-        x0 = rng.uniform(0.62, 0.75)
-        start, end = ((x0, cy), (x0 - dist, cy)) if kind == "slide_left" else ((1 - x0, cy), (1 - x0 + dist, cy))
-    elif kind in ("slide_up", "slide_down"):
-        y0 = rng.uniform(0.62, 0.75)
-        start, end = ((cx, y0), (cx, y0 - dist)) if kind == "slide_up" else ((cx, 1 - y0), (cx, 1 - y0 + dist))
+    if kind in ("slide_left", "slide_right", "slide_up", "slide_down"):
+        along, across = 0.5 + rng.uniform(-jitter, jitter, size=2)  # the path's centre
+        sign = -1.0 if kind in ("slide_left", "slide_up") else 1.0
+        a0, a1 = along - sign * dist / 2, along + sign * dist / 2
+        start, end = ((a0, across), (a1, across)) if kind in ("slide_left", "slide_right") else ((across, a0), (across, a1))
     elif kind == "diagonal":
         sx, sy = rng.choice([-1.0, 1.0], size=2)
         d = dist / math.sqrt(2)
@@ -251,7 +263,7 @@ def sample_background(rng: np.random.Generator, cfg: SyntheticConfig | None = No
         color=c1,
         color2=c2,
         freq=float(rng.uniform(*cfg.background_freq)),
-        angle=float(rng.uniform(0.0, 180.0)),
+        angle=float(rng.uniform(0.0, 180.0)) if cfg.background_angles is None else float(rng.choice(cfg.background_angles)),
         noise_seed=int(rng.integers(0, 2**31 - 1)),
     )
     return spec, hue
@@ -300,7 +312,7 @@ def sample_clip_spec(seed: int, cfg: SyntheticConfig | None = None) -> ClipSpec:
     if cfg.max_subjects > 1 and rng.uniform() < cfg.two_subject_prob:
         n = int(rng.integers(2, cfg.max_subjects + 1))
     subjects = [sample_subject(rng, bg_hue, cfg.subject_radius, cfg.texture_freq) for _ in range(n)]
-    motions = [sample_motion(rng, kinds=cfg.motions) for _ in range(n)]
+    motions = [sample_motion(rng, kinds=cfg.motions, jitter=cfg.path_jitter) for _ in range(n)]
     if n > 1:  # spread the subjects apart horizontally/vertically so they do not overlap completely
         for i, m in enumerate(motions):
             off = (i - (n - 1) / 2) * 0.25

@@ -109,9 +109,9 @@ def _wan21(heads: int, ffn: int, layers: int) -> dict[str, Any]:
     )
 
 
-def _small_dit(heads: int, head_dim: int, layers: int, text_dim: int, channels: int) -> dict[str, Any]:
+def _small_dit(heads: int, head_dim: int, layers: int, text_dim: int, channels: int, patch: int = 2) -> dict[str, Any]:
     return dict(
-        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=channels,
+        patch_size=(1, patch, patch), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=channels,
         out_channels=channels, text_dim=text_dim, freq_dim=64, ffn_dim=4 * heads * head_dim, num_layers=layers,
         cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=256,
     )

@@ -191,7 +191,8 @@ def test_captions_name_motion_and_background_never_colours_or_textures(cfg: Synt
 
 def test_content_knobs_are_checked_and_keep_backgrounds_visible() -> None:
     for bad in (dict(motions=("slide_left", "teleport")), dict(backgrounds=()), dict(background_freq=(2.0, 1.0)),
-                dict(texture_freq=(0.0, 1.0)), dict(background_contrast=0.6)):
+                dict(texture_freq=(0.0, 1.0)), dict(background_contrast=0.6), dict(path_jitter=0.3),
+                dict(background_angles=())):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SyntheticConfig(**bad)
     # the two background colours differ in value by >= background_contrast, so stripes/checks stay visible
@@ -199,6 +200,16 @@ def test_content_knobs_are_checked_and_keep_backgrounds_visible() -> None:
         bg = sample_clip_spec(seed, SMALL).background
         v1, v2 = (max(c) / 255 for c in (bg.color, bg.color2))
         assert abs(v1 - v2) >= SMALL.background_contrast - 0.01, bg
+    # slides pass near the frame's centre (the prompt says where the subject is), stripes are axis-aligned
+    for seed in range(100):
+        spec = sample_clip_spec(seed, SMALL)
+        m = spec.motions[0]
+        centre = [(a + b) / 2 for a, b in zip(m.start, m.end)]
+        assert all(abs(c - 0.5) <= SMALL.path_jitter + 1e-3 for c in centre), m
+        assert spec.background.angle in SMALL.background_angles
+    anywhere = dataclasses.replace(SMALL, path_jitter=0.2, background_angles=None)
+    centres = [sample_clip_spec(seed, anywhere).motions[0].start[1] for seed in range(100)]
+    assert max(centres) - min(centres) > 0.2
 
 
 def test_record_keeps_subjects_and_trajectories_and_product_photo() -> None:

@@ -98,7 +98,7 @@ def case_spec(i: int, seed: int) -> tuple[synthetic.ClipSpec, float, float]:
     background, hue = synthetic.sample_background(rng, data)
     background.kind = BACKGROUNDS[(i // len(MOTIONS)) % len(BACKGROUNDS)]
     subject = synthetic.sample_subject(rng, hue, data.subject_radius, data.texture_freq)
-    motion = synthetic.sample_motion(rng, kind=MOTIONS[i % len(MOTIONS)])
+    motion = synthetic.sample_motion(rng, kind=MOTIONS[i % len(MOTIONS)], jitter=data.path_jitter)
     noun = str(rng.choice(synthetic.NOUNS))
     spec = synthetic.ClipSpec(int(seed) * 1000 + i, background, [subject], [motion], noun,
                               synthetic.make_caption(noun, [motion], background), data)
