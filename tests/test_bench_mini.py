@@ -41,6 +41,7 @@ def test_report_and_metrics(bench: BenchConfig) -> None:
         assert len(r["per_case"]["identity"]) == bench.cases
         # two training steps of a tiny model: noise, never a found subject, so never an identity hit
         assert r["metrics"]["subject"]["mean"] == 0.0 and r["metrics"]["identity"]["mean"] == 0.0
+        assert r["metrics"]["copy_paste"]["n"] == 0 and r["metrics"]["gray_halo"]["n"] == 0  # judged on subjects only
         assert r["steps"] == 2 and r["train_minutes"] > 0 and r["samples_per_s"] > 0
         assert (out / f"{exp}-tiny" / "bench_grid.png").is_file()
     assert rows["saber_full"]["references_used"] and not rows["t2v_baseline"]["references_used"]

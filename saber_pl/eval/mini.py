@@ -210,7 +210,7 @@ METRICS = [
     ("background", "background kind ↑", "the background is the prompted kind (plain/stripes/gradient/checker)"),
     ("identity", "identity acc ↑", "the subject's colours pick its own reference among N (chance 1/N)"),
     ("frames_ok", "frames as real ↑", "sharpness and flicker both inside the range of the cases' real clips"),
-    ("copy_paste", "copy-paste", "the reference pasted pixel-aligned at its place and scale (1 = verbatim)"),
+    ("copy_paste", "copy-paste", "the reference pasted pixel-aligned at its place and scale (1 = verbatim; found subjects)"),
     ("gray_halo", "gray halo ↓", "neutral-gray rim around the subject (the gray fill of a reference; found subjects)"),
     ("sharpness", "sharpness", "mean |luma gradient| of the frames"),
     ("flicker", "flicker ↓", "mean frame-to-frame change of the background"),
@@ -229,7 +229,9 @@ def per_case(videos: list[torch.Tensor], refs: torch.Tensor, masks: torch.Tensor
         "text_following": [float(bool(r["direction_match"])) for r in rows],
         "background": [float(bool(r["background_match"])) for r in rows],
         "identity": [float(retrieval_hits(scores[i, pool][None], [0])[0]) for i, pool in enumerate(pools)],
-        "copy_paste": [copy_paste_score(v, r, m) for v, r, m in zip(videos, refs, masks)],
+        # a palette wash is "close" to the reference pixel-wise too: copy-paste only judges a found subject
+        "copy_paste": [copy_paste_score(v, r, m) if row["present"] else math.nan
+                       for v, r, m, row in zip(videos, refs, masks, rows)],
         "gray_halo": [float(r["gray_halo"]) if r["present"] else math.nan for r in rows],
         "sharpness": [float(r["sharpness"]) for r in rows],
         "flicker": [float(r["flicker"]) for r in rows],
@@ -331,7 +333,7 @@ def eval_settings(cfg: BenchConfig) -> dict:
 # ----------------------------------------------------------------------------------------------- report
 
 
-METRICS_VERSION = 2  # bump when a metric changes: stored bench.json files are then re-scored
+METRICS_VERSION = 3  # bump when a metric changes: stored bench.json files are then re-scored
 
 
 def _cell(m: dict[str, float] | None) -> str:
