@@ -35,7 +35,7 @@ install: $(STAMP)
 $(EMBEDDED): saber_pl/synthetic.py data/make_embedded.py | $(STAMP)
 	$(PY) data/make_embedded.py --out data/embedded
 
-# make data ARGS='--subject-radius 0.28 0.4' (see python data/make_embedded.py --help)
+# make data ARGS='--motions all --backgrounds all --max-subjects 2' (see python data/make_embedded.py --help)
 data: $(STAMP)
 	$(PY) data/make_embedded.py --out data/embedded $(ARGS)
 
