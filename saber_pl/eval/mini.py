@@ -8,10 +8,13 @@ then generates one video per test case and scores it:
   image of a subject never seen in training, rendered alone on a white background at another scale
   and angle than in any clip (a product photo, RGBA), prepared by the normal inference path
   (alpha segmentation, gray fill, aspect-preserving resize + pad);
-- identity retrieval: the video's reference consistency (colour histograms, as the OpenS2V harness)
-  with its own reference vs N-1 distractor references of other cases; chance = 1/N;
-- copy-paste: how exactly the prepared reference appears pixel-aligned, at its position and scale;
-- text following: the tracked subject moves the way the prompt says (left/right/up/down).
+- every figure is measured on what a person sees (`saber_pl.eval.scene`): is one distinct moving
+  subject found, does it move the prompted way, is the background the prompted kind, does the
+  found subject's colours pick its own reference among N (chance 1/N; no subject is never a hit),
+  are sharpness and flicker inside the real clips' range, plus copy-paste and the gray halo on the
+  found subject;
+- a first row scores each case's own real clip (rendered, mp4, decoded like training data), and
+  every figure carries a bootstrap 95 % interval over the cases.
 
 Results go to ``runs/bench-mini/results.md`` (one row per experiment, like the paper's ablation
 table) with a PNG grid per experiment (reference, then frames of the generated video).
@@ -199,8 +202,13 @@ def retrieval_pools(n: int, candidates: int) -> list[list[int]]:
 def retrieval_accuracy(scores: torch.Tensor, candidates: int) -> float:
     """Video i against its own reference i and the next candidates-1 cases' references  # scores [V, V].
     A hit needs the own score finite and strictly above every distractor's (no subject = -inf = a miss)."""
+    return float(np.mean(retrieval_case_hits(scores, candidates)))
+
+
+def retrieval_case_hits(scores: torch.Tensor, candidates: int) -> list[float]:
+    """1.0 where video i's own reference wins its pool (`retrieval_pools`), else 0.0  # scores [V, V]."""
     pools = retrieval_pools(scores.shape[0], candidates)
-    return float(np.mean([bool(retrieval_hits(scores[i, pool][None], [0])[0]) for i, pool in enumerate(pools)]))
+    return [float(retrieval_hits(scores[i, pool][None], [0])[0]) for i, pool in enumerate(pools)]
 
 
 # (key, column, what it is): every figure is a mean over cases of a per-case value
@@ -218,17 +226,17 @@ METRICS = [
 
 
 def per_case(videos: list[torch.Tensor], refs: torch.Tensor, masks: torch.Tensor, cases: list[Case],
-             candidates: int, real_range: dict[str, tuple[float, float]] | None) -> dict[str, list[float]]:
-    """Every metric for every case (NaN where it does not apply: gray halo without a subject)."""
+             candidates: int) -> dict[str, list[float]]:
+    """Every metric but frames_ok for every case (NaN where it does not apply: copy-paste and gray halo
+    without a found subject)."""
     scfg = SceneConfig()
     rows = [describe(v, c.prompt, scfg) for v, c in zip(videos, cases)]
     scores = identity_scores(videos, refs, masks, scfg)  # [V, N]
-    pools = retrieval_pools(len(videos), candidates)
-    out: dict[str, list[float]] = {
+    return {
         "subject": [float(r["present"]) for r in rows],
         "text_following": [float(bool(r["direction_match"])) for r in rows],
         "background": [float(bool(r["background_match"])) for r in rows],
-        "identity": [float(retrieval_hits(scores[i, pool][None], [0])[0]) for i, pool in enumerate(pools)],
+        "identity": retrieval_case_hits(scores, candidates),
         # a palette wash is "close" to the reference pixel-wise too: copy-paste only judges a found subject
         "copy_paste": [copy_paste_score(v, r, m) if row["present"] else math.nan
                        for v, r, m, row in zip(videos, refs, masks, rows)],
@@ -236,11 +244,13 @@ def per_case(videos: list[torch.Tensor], refs: torch.Tensor, masks: torch.Tensor
         "sharpness": [float(r["sharpness"]) for r in rows],
         "flicker": [float(r["flicker"]) for r in rows],
     }
-    if real_range is not None:
-        inside = lambda k, x: real_range[k][0] <= x <= real_range[k][1]  # noqa: E731
-        out["frames_ok"] = [float(inside("sharpness", a) and inside("flicker", b))
-                            for a, b in zip(out["sharpness"], out["flicker"])]
-    return out
+
+
+def with_frames_ok(values: dict[str, list[float]], real_range: dict[str, tuple[float, float]]) -> dict[str, list[float]]:
+    """`values` plus frames_ok: 1.0 where sharpness and flicker both lie inside the real clips' range."""
+    inside = lambda k, x: real_range[k][0] <= x <= real_range[k][1]  # noqa: E731
+    ok = [float(inside("sharpness", a) and inside("flicker", b)) for a, b in zip(values["sharpness"], values["flicker"])]
+    return values | {"frames_ok": ok}
 
 
 def frame_range(values: dict[str, list[float]]) -> dict[str, tuple[float, float]]:
@@ -302,7 +312,7 @@ def evaluate(exp: str, cases: list[Case], cfg: BenchConfig, real_range: dict[str
             return {k: v for k, v in old.items() if k != "settings"}
     use_refs = load_run_config(run_dir).data.refs_max > 0
     videos, refs, masks = generate_videos(run_dir, cases, cfg, use_refs)
-    values = per_case(videos, refs, masks, cases, cfg.candidates, real_range)
+    values = with_frames_ok(per_case(videos, refs, masks, cases, cfg.candidates), real_range)
     result = {"metrics": summarise(values, cfg), "per_case": values, "references_used": use_refs}
     save_grid(run_dir / "bench_grid.png", videos, refs, cfg.grid_cases)
     out.write_text(json.dumps(result | {"settings": settings}, indent=1))
@@ -317,9 +327,9 @@ def real_row(cases: list[Case], cfg: BenchConfig, exp: str) -> dict:
     data = load_run_config(Path(cfg.out) / f"{exp}-{cfg.scale}").data
     videos = real_videos(len(cases), cfg.seed, data.num_frames, data.fps, data.height, data.width)
     refs, masks = case_references(cases, data.height, data.width)
-    values = per_case(videos, refs, masks, cases, cfg.candidates, None)
+    values = per_case(videos, refs, masks, cases, cfg.candidates)
     real_range = frame_range(values)
-    values = per_case(videos, refs, masks, cases, cfg.candidates, real_range)
+    values = with_frames_ok(values, real_range)
     save_grid(Path(cfg.out) / "real_grid.png", videos, refs, cfg.grid_cases)
     return {"metrics": summarise(values, cfg), "range": real_range}
 
