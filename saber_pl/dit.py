@@ -121,8 +121,12 @@ class SaberTransformer(nn.Module):
         mask_threshold: float = 0.5,
         ref_rope_offset: int = 0,
         max_refs: int = 8,
+        prediction: str = "velocity",
+        prediction_t_min: float = 0.05,
     ) -> None:
         super().__init__()
+        if prediction not in ("velocity", "sample"):
+            raise ValueError(f"prediction must be 'velocity' or 'sample', got {prediction!r}")
         if ref_timestep not in ("shared", "zero"):
             raise ValueError(f"ref_timestep must be 'shared' or 'zero', got {ref_timestep!r}")
         if tuple(wan.config.patch_size)[0] != 1:
@@ -134,6 +138,8 @@ class SaberTransformer(nn.Module):
         self.mask_threshold = mask_threshold
         self.ref_rope_offset = ref_rope_offset
         self.max_refs = max_refs
+        self.prediction = prediction
+        self.prediction_t_min = prediction_t_min
         self.gradient_checkpointing = False
         # Dtype the blocks compute in. None: the patch embedding's dtype (a plain or `cast_like_pretrained`
         # model); set by parallel.shard_transformer, where parameters read between FSDP2 units are shards.
@@ -280,4 +286,19 @@ class SaberTransformer(nn.Module):
         hidden = (wan.norm_out(hidden.float()) * (1 + scale) + shift).type_as(hidden)
         hidden = wan.proj_out(hidden)  # [B, S_vid, C*ph*pw]
         hidden = hidden.reshape(b, f, hp, wp, 1, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
-        return hidden.flatten(6, 7).flatten(4, 5).flatten(2, 3)  # [B, C, F, h, w]
+        out = hidden.flatten(6, 7).flatten(4, 5).flatten(2, 3)  # [B, C, F, h, w]
+        return self.velocity_from_output(out, latents, timestep)
+
+    def velocity_from_output(self, out: Tensor, latents: Tensor, timestep: Tensor) -> Tensor:
+        """The head's output as a velocity  # [B, C, F, h, w].
+
+        prediction=velocity: the output itself (Wan). prediction=sample: the output is the clean latent
+        z0 and v = (z_t - z0) / max(t, t_min), since z_t = (1 - t) z0 + t eps gives eps - z0 = (z_t - z0) / t.
+        Why (JiT, Li & He 2025): a small DiT whose tokens carry many noise dimensions (here 64 per token at
+        width 128) must pass the noise through exactly to predict eps - z0, and any error there stays in
+        the sample as per-token colour noise; the clean latent is low-dimensional and easier to output.
+        """
+        if self.prediction == "velocity":
+            return out
+        t = (timestep.float() / 1000.0).clamp(min=self.prediction_t_min).view(-1, 1, 1, 1, 1)
+        return ((latents.float() - out.float()) / t).to(out.dtype)

@@ -57,6 +57,11 @@ class ModelConfig:
     seed: int = 0  # seed of the random weights of tiny/mini components (identical on every rank)
     # how random DiT weights are drawn (init=random, tiny/mini): the layers' default, or DiT's adaLN-Zero
     random_weights: Literal["default", "adaln_zero"] = "default"
+    # what the DiT's output head predicts: Wan's velocity eps - z0, or the clean latent z0 ("sample",
+    # JiT-style x-prediction for small random DiTs), turned into the velocity (z_t - z0) / max(t, t_min)
+    # inside SaberTransformer, so the loss, the samplers and generate see a velocity either way
+    prediction: Literal["velocity", "sample"] = "velocity"
+    prediction_t_min: float = 0.05  # prediction=sample: the t below which the division is clamped
 
     def __post_init__(self) -> None:
         if self.scale not in SCALES:
@@ -72,6 +77,12 @@ class ModelConfig:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         if self.random_weights not in ("default", "adaln_zero"):
             raise ValueError(f"random_weights must be 'default' or 'adaln_zero', got {self.random_weights!r}")
+        if self.prediction not in ("velocity", "sample"):
+            raise ValueError(f"prediction must be 'velocity' or 'sample', got {self.prediction!r}")
+        if not 0.0 < self.prediction_t_min <= 1.0:
+            raise ValueError(f"prediction_t_min must be in (0, 1], got {self.prediction_t_min}")
+        if self.prediction == "sample" and self.init != "random" and (self.wan_dir or self.spec.pretrained):
+            raise ValueError("prediction=sample needs init=random: Wan's pretrained weights predict the velocity")
         if self.ref_rope_offset < 0:
             raise ValueError(f"ref_rope_offset must be >= 0, got {self.ref_rope_offset}")
         if self.max_refs < 1:
@@ -358,6 +369,7 @@ def saber_kwargs(cfg: ModelConfig) -> dict[str, Any]:
         ref_timestep=cfg.ref_timestep, attn_backend=cfg.attn_backend, ref_attn_mask=cfg.ref_attn_mask,
         valid_threshold=cfg.valid_threshold, mask_threshold=cfg.mask_threshold,
         ref_rope_offset=cfg.ref_rope_offset, max_refs=cfg.max_refs,
+        prediction=cfg.prediction, prediction_t_min=cfg.prediction_t_min,
     )
 
 

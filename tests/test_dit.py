@@ -167,3 +167,29 @@ def test_input_validation():
         model(z, t[:1], text)
     with pytest.raises(ValueError, match="ref_timestep"):
         SaberTransformer(stock_model(), ref_timestep="one")
+
+
+def test_sample_prediction_returns_the_velocity_of_the_predicted_clean_latent():
+    """prediction=sample: the head's output is z0, forward returns (z_t - z0) / max(t, t_min), same weights."""
+    model_v = saber()
+    model_s = copy.deepcopy(model_v)
+    model_s.prediction, model_s.prediction_t_min = "sample", 0.05
+    z, t, text, refs, cov, counts = batch()
+    t = torch.tensor([900.0, 300.0, 10.0])  # the last one is below t_min: clamped
+    with torch.no_grad():
+        head = model_v(z, t, text, refs, cov, counts)  # the raw output, read as a clean latent
+        v = model_s(z, t, text, refs, cov, counts)
+    want = (z - head) / torch.tensor([0.9, 0.3, 0.05]).view(-1, 1, 1, 1, 1)
+    torch.testing.assert_close(v, want, atol=1e-5, rtol=1e-5)
+
+
+def test_sample_prediction_of_the_true_clean_latent_gives_the_flow_target():
+    """If the head outputs the true z0, the returned velocity is the flow-matching target eps - z0."""
+    model = saber(prediction="sample")
+    z0, eps = torch.randn(2, C, F_LAT, H, W), torch.randn(2, C, F_LAT, H, W)
+    t = torch.tensor([0.8, 0.2])
+    zt = (1 - t.view(-1, 1, 1, 1, 1)) * z0 + t.view(-1, 1, 1, 1, 1) * eps
+    v = model.velocity_from_output(z0, zt, t * 1000)
+    torch.testing.assert_close(v, eps - z0, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="prediction"):
+        saber(prediction="epsilon")
