@@ -39,3 +39,23 @@ def test_export_loads_with_diffusers(run_dir: Path, tmp_path: Path) -> None:
 def test_export_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["--run", str(tmp_path / "nothing")]) == 2
     assert "config.yaml" in capsys.readouterr().err
+
+
+def test_export_keeps_the_prediction_knob(tmp_path: Path) -> None:
+    """A run whose DiT predicts the clean latent is rebuilt from its export with the same head, same velocities."""
+    import json
+
+    from saber_pl.generate import load_export_dit, load_run_dit, resolve_checkpoint
+
+    cfg = load_config("t2v_baseline", "tiny", [f"logging.runs_dir={tmp_path}", "trainer.max_steps=1",
+                                               "model.init=random", "model.prediction=sample"])
+    assert fit(cfg) == 0
+    out = export(cfg.run_dir, tmp_path / "export")
+    assert json.loads((out / "saber.json").read_text())["saber"]["prediction"] == "sample"
+    exported = load_export_dit(resolve_checkpoint(out), torch.float32).eval()
+    run, _ = load_run_dit(resolve_checkpoint(cfg.run_dir), False, torch.float32)
+    assert exported.prediction == run.eval().prediction == "sample"
+    z, t = torch.randn(1, 16, 2, 8, 8), torch.tensor([700.0])
+    text = torch.randn(1, cfg.model.resolved_text_len, exported.wan.config.text_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(z, t, text), run(z, t, text))
