@@ -40,19 +40,24 @@ def _fixed_batch(cfg, module: SaberModule) -> dict:
     return dm.on_after_batch_transfer(batch, 0)
 
 
-def test_loss_decreases_on_a_fixed_batch(tmp_path: Path) -> None:
-    cfg = tiny_cfg("saber_full", tmp_path, "optim.lr=2e-3", "optim.warmup_steps=0")
-    module = SaberModule(cfg)
-    batch = _fixed_batch(cfg, module)
-    opt = torch.optim.AdamW([p for p in module.dit.parameters() if p.requires_grad], lr=2e-3)
+def _overfit(module: SaberModule, batch: dict, steps: int = 40, lr: float = 2e-3) -> tuple[float, float]:
+    """Loss before and after `steps` AdamW steps on one batch with the same t and noise every step."""
+    opt = torch.optim.AdamW([p for p in module.dit.parameters() if p.requires_grad], lr=lr)
     gen = lambda: torch.Generator().manual_seed(0)  # same t and noise every step: a pure overfit
     first = module.flow_loss(batch, generator=gen())["loss"].item()
-    for _ in range(40):
+    for _ in range(steps):
         loss = module.flow_loss(batch, generator=gen())["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
-    last = module.flow_loss(batch, generator=gen())["loss"].item()
+    return first, module.flow_loss(batch, generator=gen())["loss"].item()
+
+
+def test_loss_decreases_on_a_fixed_batch(tmp_path: Path) -> None:
+    cfg = tiny_cfg("saber_full", tmp_path, "optim.lr=2e-3", "optim.warmup_steps=0")
+    module = SaberModule(cfg)
+    batch = _fixed_batch(cfg, module)
+    first, last = _overfit(module, batch)
     assert last < 0.5 * first, (first, last)
 
 
@@ -175,13 +180,5 @@ def test_sample_prediction_trains_with_the_flow_loss(tmp_path: Path) -> None:
     module = SaberModule(cfg)
     assert module.dit.prediction == "sample"
     batch = _fixed_batch(cfg, module)
-    opt = torch.optim.AdamW([p for p in module.dit.parameters() if p.requires_grad], lr=2e-3)
-    gen = lambda: torch.Generator().manual_seed(0)
-    first = module.flow_loss(batch, generator=gen())["loss"].item()
-    for _ in range(40):
-        loss = module.flow_loss(batch, generator=gen())["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    last = module.flow_loss(batch, generator=gen())["loss"].item()
+    first, last = _overfit(module, batch)
     assert last < 0.5 * first, (first, last)
