@@ -230,6 +230,7 @@ class SaberTransformer(nn.Module):
         s_vid, s_ref = f * hp * wp, hp * wp
         s_full = s_vid + k * s_ref
         dtype = self.compute_dtype or wan.patch_embedding.weight.dtype
+        z_t = latents  # as given (float32 in training): prediction=sample converts from it, not from its bf16 copy
         latents, text_emb = latents.to(dtype), text_emb.to(dtype)
 
         # 1. z_in and patch embedding of video + reference frames
@@ -287,7 +288,7 @@ class SaberTransformer(nn.Module):
         hidden = wan.proj_out(hidden)  # [B, S_vid, C*ph*pw]
         hidden = hidden.reshape(b, f, hp, wp, 1, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         out = hidden.flatten(6, 7).flatten(4, 5).flatten(2, 3)  # [B, C, F, h, w]
-        return self.velocity_from_output(out, latents, timestep)
+        return self.velocity_from_output(out, z_t, timestep)
 
     def velocity_from_output(self, out: Tensor, latents: Tensor, timestep: Tensor) -> Tensor:
         """The head's output as a velocity  # [B, C, F, h, w].

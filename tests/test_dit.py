@@ -183,6 +183,20 @@ def test_sample_prediction_returns_the_velocity_of_the_predicted_clean_latent():
     torch.testing.assert_close(v, want, atol=1e-5, rtol=1e-5)
 
 
+def test_sample_prediction_under_bf16_converts_from_the_float32_noisy_latent():
+    """bf16 compute: v = (z_t - z0) / t must use the float32 z_t the caller passed, not its bf16 copy
+    (off by ~0.4 % of |z_t|, which the division by a small t amplifies)."""
+    model = saber(prediction="sample").to(torch.bfloat16)
+    z, _, text, *_ = batch()
+    t = torch.tensor([900.0, 300.0, 50.0])
+    with torch.no_grad():
+        head = saber(prediction="velocity").to(torch.bfloat16)(z, t, text)  # the same weights' raw output
+        v = model(z, t, text)
+    t_col = (t / 1000).view(-1, 1, 1, 1, 1)
+    assert torch.equal(v, ((z - head.float()) / t_col).bfloat16())
+    assert not torch.equal(v, ((z.bfloat16().float() - head.float()) / t_col).bfloat16())  # the old conversion
+
+
 def test_sample_prediction_of_the_true_clean_latent_gives_the_flow_target():
     """If the head outputs the true z0, the returned velocity is the flow-matching target eps - z0."""
     model = saber(prediction="sample")
