@@ -34,6 +34,7 @@ def test_report_and_metrics(bench: BenchConfig) -> None:
     # and its identity: what a perfect model scores
     for key in ("subject", "text_following", "background", "identity", "frames_ok"):
         assert real["metrics"][key]["mean"] == 1.0, key
+    assert "reads_direction" not in real["metrics"]  # a property of a model, not of clips
     for exp, r in rows.items():
         for key, m in r["metrics"].items():
             if m["n"]:
@@ -43,6 +44,8 @@ def test_report_and_metrics(bench: BenchConfig) -> None:
         assert r["metrics"]["subject"]["mean"] == 0.0 and r["metrics"]["identity"]["mean"] == 0.0
         assert r["metrics"]["copy_paste"]["n"] == 0 and r["metrics"]["gray_halo"]["n"] == 0  # judged on subjects only
         assert r["steps"] == 2 and r["train_minutes"] > 0 and r["samples_per_s"] > 0
+        # the caption probe ran on every case (tiny's 16 byte tokens cut the words off: NaN is "nothing swapped")
+        assert len(r["per_case"]["reads_direction"]) == bench.cases and "reads_background" in r["metrics"]
         assert (out / f"{exp}-tiny" / "bench_grid.png").is_file()
     assert rows["saber_full"]["references_used"] and not rows["t2v_baseline"]["references_used"]
     # A second run reuses the trained checkpoints and the scores (resumable) and gives the same numbers.

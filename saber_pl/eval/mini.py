@@ -39,6 +39,7 @@ import torch
 from PIL import Image
 
 from saber_pl import synthetic
+from saber_pl.eval.caption_probe import BACKGROUND_SWAPS, DIRECTION_SWAPS, caption_reliance
 from saber_pl.eval.metrics import copy_paste_score
 from saber_pl.eval.scene import SceneConfig, describe, identity_scores, retrieval_hits
 
@@ -169,13 +170,12 @@ def train(exp: str, cfg: BenchConfig) -> dict:
 # ----------------------------------------------------------------------------------------------- evaluation
 
 
-def generate_videos(run_dir: Path, cases: list[Case], cfg: BenchConfig, use_refs: bool
+def generate_videos(gen, run_dir: Path, cases: list[Case], cfg: BenchConfig, use_refs: bool
                     ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """One video per case  # -> videos [F, 3, H, W] in [-1, 1], refs [N, 3, H, W], masks [N, 1, H, W]."""
-    from saber_pl.generate import Generator
+    """One video per case from the run's loaded `Generator`
+    # -> videos [F, 3, H, W] in [-1, 1], refs [N, 3, H, W], masks [N, 1, H, W]."""
     from saber_pl.sampling import SamplerConfig
 
-    gen = Generator.from_checkpoint(run_dir)
     video = gen.defaults
     sampler = SamplerConfig(steps=cfg.steps, guidance=cfg.guidance, shift=gen_shift(run_dir), scheduler=cfg.scheduler)
     refs, masks = case_references(cases, video.height, video.width)  # [N, 3, H, W], [N, 1, H, W]
@@ -220,6 +220,8 @@ METRICS = [
     ("frames_ok", "frames as real ↑", "sharpness and flicker both inside the range of the cases' real clips"),
     ("copy_paste", "copy-paste", "the reference pasted pixel-aligned at its place and scale (1 = verbatim; found subjects)"),
     ("gray_halo", "gray halo ↓", "neutral-gray rim around the subject (the gray fill of a reference; found subjects)"),
+    ("reads_direction", "reads direction ↑", "held-out loss increase with the direction word swapped (0 = ignored)"),
+    ("reads_background", "reads background ↑", "the same with the background word swapped"),
     ("sharpness", "sharpness", "mean |luma gradient| of the frames"),
     ("flicker", "flicker ↓", "mean frame-to-frame change of the background"),
 ]
@@ -244,6 +246,14 @@ def per_case(videos: list[torch.Tensor], refs: torch.Tensor, masks: torch.Tensor
         "sharpness": [float(r["sharpness"]) for r in rows],
         "flicker": [float(r["flicker"]) for r in rows],
     }
+
+
+def reading_per_case(gen, clips: torch.Tensor, cases: list[Case]) -> dict[str, list[float]]:
+    """How much worse the DiT predicts each case's real clip with its direction / background word swapped
+    (`caption_probe`): 0 = the word is ignored  # clips [N, 3, F, H, W]."""
+    prompts = [c.prompt for c in cases]
+    return {"reads_direction": caption_reliance(gen, clips, prompts, DIRECTION_SWAPS),
+            "reads_background": caption_reliance(gen, clips, prompts, BACKGROUND_SWAPS)}
 
 
 def with_frames_ok(values: dict[str, list[float]], real_range: dict[str, tuple[float, float]]) -> dict[str, list[float]]:
@@ -310,9 +320,15 @@ def evaluate(exp: str, cases: list[Case], cfg: BenchConfig, real_range: dict[str
         old = json.loads(out.read_text())
         if old.get("settings") == settings:  # same run, same cases and sampler: reuse
             return {k: v for k, v in old.items() if k != "settings"}
-    use_refs = load_run_config(run_dir).data.refs_max > 0
-    videos, refs, masks = generate_videos(run_dir, cases, cfg, use_refs)
+    from saber_pl.generate import Generator
+
+    data = load_run_config(run_dir).data
+    gen = Generator.from_checkpoint(run_dir)
+    videos, refs, masks = generate_videos(gen, run_dir, cases, cfg, data.refs_max > 0)
     values = with_frames_ok(per_case(videos, refs, masks, cases, cfg.candidates), real_range)
+    clips = torch.stack(real_videos(len(cases), cfg.seed, data.num_frames, data.fps, data.height, data.width))
+    values |= reading_per_case(gen, clips.permute(0, 2, 1, 3, 4), cases)  # [N, 3, F, H, W]
+    use_refs = data.refs_max > 0
     result = {"metrics": summarise(values, cfg), "per_case": values, "references_used": use_refs}
     save_grid(run_dir / "bench_grid.png", videos, refs, cfg.grid_cases)
     out.write_text(json.dumps(result | {"settings": settings}, indent=1))
@@ -343,7 +359,7 @@ def eval_settings(cfg: BenchConfig) -> dict:
 # ----------------------------------------------------------------------------------------------- report
 
 
-METRICS_VERSION = 3  # bump when a metric changes: stored bench.json files are then re-scored
+METRICS_VERSION = 4  # bump when a metric changes: stored bench.json files are then re-scored
 
 
 def _cell(m: dict[str, float] | None) -> str:
