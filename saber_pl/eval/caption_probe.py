@@ -16,9 +16,13 @@ same noise for both captions, so the difference is the word's alone.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:  # generate imports the whole model stack; the probe only needs its type
+    from saber_pl.generate import Generator
 
 DIRECTION_SWAPS = {"left": "right", "right": "left", "up": "down", "down": "up"}
 BACKGROUND_SWAPS = {"plain": "checkered", "checkered": "plain", "striped": "gradient", "gradient": "striped"}
@@ -31,7 +35,7 @@ def swap_words(caption: str, swaps: dict[str, str]) -> str:
 
 
 @torch.no_grad()
-def caption_reliance(gen, clips: Tensor, captions: list[str], swaps: dict[str, str],
+def caption_reliance(gen: Generator, clips: Tensor, captions: list[str], swaps: dict[str, str],
                      ts: tuple[float, ...] = (0.5, 0.7, 0.9), seed: int = 0, batch: int = 32) -> list[float]:
     """Per case, the relative loss increase when `swaps` is applied to its caption (see module docstring).
 

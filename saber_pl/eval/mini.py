@@ -33,6 +33,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -42,6 +43,9 @@ from saber_pl import synthetic
 from saber_pl.eval.caption_probe import BACKGROUND_SWAPS, DIRECTION_SWAPS, caption_reliance
 from saber_pl.eval.metrics import copy_paste_score
 from saber_pl.eval.scene import SceneConfig, describe, identity_scores, retrieval_hits
+
+if TYPE_CHECKING:  # imported lazily at run time (the whole model stack)
+    from saber_pl.generate import Generator
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +174,7 @@ def train(exp: str, cfg: BenchConfig) -> dict:
 # ----------------------------------------------------------------------------------------------- evaluation
 
 
-def generate_videos(gen, run_dir: Path, cases: list[Case], cfg: BenchConfig, use_refs: bool
+def generate_videos(gen: Generator, run_dir: Path, cases: list[Case], cfg: BenchConfig, use_refs: bool
                     ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """One video per case from the run's loaded `Generator`
     # -> videos [F, 3, H, W] in [-1, 1], refs [N, 3, H, W], masks [N, 1, H, W]."""
@@ -248,7 +252,7 @@ def per_case(videos: list[torch.Tensor], refs: torch.Tensor, masks: torch.Tensor
     }
 
 
-def reading_per_case(gen, clips: torch.Tensor, cases: list[Case]) -> dict[str, list[float]]:
+def reading_per_case(gen: Generator, clips: torch.Tensor, cases: list[Case]) -> dict[str, list[float]]:
     """How much worse the DiT predicts each case's real clip with its direction / background word swapped
     (`caption_probe`): 0 = the word is ignored  # clips [N, 3, F, H, W]."""
     prompts = [c.prompt for c in cases]
@@ -324,11 +328,11 @@ def evaluate(exp: str, cases: list[Case], cfg: BenchConfig, real_range: dict[str
 
     data = load_run_config(run_dir).data
     gen = Generator.from_checkpoint(run_dir)
-    videos, refs, masks = generate_videos(gen, run_dir, cases, cfg, data.refs_max > 0)
+    use_refs = data.refs_max > 0
+    videos, refs, masks = generate_videos(gen, run_dir, cases, cfg, use_refs)
     values = with_frames_ok(per_case(videos, refs, masks, cases, cfg.candidates), real_range)
     clips = torch.stack(real_videos(len(cases), cfg.seed, data.num_frames, data.fps, data.height, data.width))
     values |= reading_per_case(gen, clips.permute(0, 2, 1, 3, 4), cases)  # [N, 3, F, H, W]
-    use_refs = data.refs_max > 0
     result = {"metrics": summarise(values, cfg), "per_case": values, "references_used": use_refs}
     save_grid(run_dir / "bench_grid.png", videos, refs, cfg.grid_cases)
     out.write_text(json.dumps(result | {"settings": settings}, indent=1))
