@@ -35,13 +35,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-subjects", type=int, default=d.max_subjects)
     p.add_argument("--subject-radius", type=float, nargs=2, default=SyntheticConfig.subject_radius,
                    metavar=("LOW", "HIGH"), help="subject radius range, fraction of min(H, W)")
+    p.add_argument("--background-value", type=float, nargs=2, default=SyntheticConfig.background_value,
+                   metavar=("LOW", "HIGH"), help="HSV value range of the background colours")
+    p.add_argument("--subject-contrast", default=str(SyntheticConfig.subject_contrast),
+                   help="min luma a subject exceeds the background by, or 'none' (any brightness: the old set)")
+    p.add_argument("--background-contrast", type=float, default=SyntheticConfig.background_contrast,
+                   help="min value difference of the two background colours")
+    p.add_argument("--slide-distance", type=float, nargs=2, default=SyntheticConfig.slide_distance,
+                   metavar=("LOW", "HIGH"), help="path length range of a slide, fraction of the frame")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="render/encode processes")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     try:
+        contrast = None if a.subject_contrast.lower() == "none" else float(a.subject_contrast)
         cfg = SyntheticConfig(num_frames=a.frames, fps=a.fps, height=a.height, width=a.width,
                               subject_radius=tuple(a.subject_radius), max_subjects=a.max_subjects,
+                              background_value=tuple(a.background_value), subject_contrast=contrast,
+                              background_contrast=a.background_contrast, slide_distance=tuple(a.slide_distance),
                               motions=MOTIONS if a.motions == ["all"] else tuple(a.motions),
                               backgrounds=BACKGROUNDS if a.backgrounds == ["all"] else tuple(a.backgrounds))
     except ValueError as err:

@@ -63,11 +63,23 @@ class SyntheticConfig:
     motions: tuple[str, ...] = ("slide_left", "slide_right", "slide_up", "slide_down")  # of MOTIONS
     backgrounds: tuple[str, ...] = ("plain", "stripes", "gradient", "checker")  # of BACKGROUNDS
     background_freq: tuple[float, float] = (1.5, 2.5)  # stripe / checker cycles across the frame
-    background_contrast: float = 0.3  # min value difference of the two background colours (0..1)
+    background_contrast: float = 0.2  # min value difference of the two background colours (0..1)
+    # HSV value range of the background colours. Dark (<= 0.45) with subjects brighter by
+    # `subject_contrast`: a subject of random colour on a background of random value is, on average,
+    # the background's colour, so the mean clip of a caption is the same for every direction and the
+    # direction word tells a denoiser nothing at high noise, where the layout is decided (the direction
+    # explained -1 % of the latent variance held out, with these defaults +15 %; docs/data.md)
+    background_value: tuple[float, float] = (0.1, 0.45)
+    # min luma (mean RGB, 0..1) by which each subject colour exceeds the brighter background colour;
+    # None = subject colours independent of the background's brightness (the old data set: (0.2, 0.9), None)
+    subject_contrast: float | None = 0.2
     texture_freq: tuple[float, float] = (1.5, 3.0)  # subject texture cycles across its diameter
     # slides: the path's centre is the frame's centre +- this (fraction of the frame; 0.2 = anywhere the
     # subject stays in view), so the prompt alone says roughly where the subject is in each frame
     path_jitter: float = 0.05
+    # slides and diagonals: path length, fraction of the frame (was 0.3-0.45: the start and end frames of
+    # "left" and "right" overlapped over most of the subject; the subject may now touch the frame's edge)
+    slide_distance: tuple[float, float] = (0.4, 0.55)
     background_angles: tuple[float, ...] | None = (0.0, 90.0)  # stripes / gradient directions; None = any angle
     supersample: int = 2  # render at this factor and area-downsample (anti-aliased edges)
     crf: int = 20  # x264 quality of the written mp4
@@ -96,6 +108,9 @@ class SyntheticConfig:
             lo, hi = getattr(self, name)
             if not 0.0 < lo <= hi:
                 raise ValueError(f"{name} must satisfy 0 < low <= high, got {getattr(self, name)}")
+        lo, hi = self.slide_distance
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"slide_distance must satisfy 0 < low <= high <= 1, got {self.slide_distance}")
         if not 0.0 <= self.path_jitter <= 0.25:
             raise ValueError(f"path_jitter must be in [0, 0.25], got {self.path_jitter}")
         if self.background_angles is not None:
@@ -104,6 +119,11 @@ class SyntheticConfig:
                 raise ValueError("background_angles must be None (any angle) or a non-empty list of degrees")
         if not 0.0 <= self.background_contrast <= 0.5:
             raise ValueError(f"background_contrast must be in [0, 0.5], got {self.background_contrast}")
+        lo, hi = self.background_value
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"background_value must satisfy 0 <= low <= high <= 1, got {self.background_value}")
+        if self.subject_contrast is not None and not 0.0 <= self.subject_contrast <= 0.5:
+            raise ValueError(f"subject_contrast must be None or in [0, 0.5], got {self.subject_contrast}")
         if self.supersample < 1:
             raise ValueError(f"supersample must be >= 1, got {self.supersample}")
 
@@ -175,19 +195,39 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> tuple[int, int, int]:
 RGB = tuple[int, int, int]
 
 
-def _subject_color(rng: np.random.Generator, avoid_hue: float) -> tuple[RGB, RGB, float]:
-    """A saturated colour whose hue is at least 0.15 away from the background's, and a contrasting one."""
+def luma(color: RGB) -> float:
+    """Mean of R, G, B in [0, 1]: the luma axis of the mini autoencoder (wan.spectral_basis)."""
+    return sum(color) / (3 * 255.0)
+
+
+def _bright_enough(rng: np.random.Generator, hue: float, sat: tuple[float, float], val: tuple[float, float],
+                   min_luma: float) -> RGB:
+    """A colour of `hue` with saturation / value drawn from the ranges, desaturated until its luma >= min_luma
+    (a saturated blue has luma 0.33 at full value: only a paler blue is brighter than that)."""
+    s, v = rng.uniform(*sat), rng.uniform(max(val[0], min(min_luma, 1.0)), val[1])
+    color = _hsv_to_rgb(hue, s, v)
+    while luma(color) < min_luma and s > 0.0:
+        s = max(0.0, s - 0.05)
+        color = _hsv_to_rgb(hue, s, v)
+    return color
+
+
+def _subject_color(rng: np.random.Generator, avoid_hue: float, min_luma: float = 0.0) -> tuple[RGB, RGB, float]:
+    """A saturated colour whose hue is at least 0.15 away from the background's, and a contrasting one,
+    both of luma >= min_luma."""
     hue = (avoid_hue + rng.uniform(0.15, 0.85)) % 1.0
-    c1 = _hsv_to_rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.65, 1.0))
-    c2 = _hsv_to_rgb((hue + rng.uniform(0.3, 0.7)) % 1.0, rng.uniform(0.3, 1.0), rng.uniform(0.15, 1.0))
+    c1 = _bright_enough(rng, hue, (0.6, 1.0), (0.65, 1.0), min_luma)
+    c2 = _bright_enough(rng, (hue + rng.uniform(0.3, 0.7)) % 1.0, (0.3, 1.0), (0.15, 1.0), min_luma)
     return c1, c2, hue
 
 
 def sample_subject(rng: np.random.Generator, avoid_hue: float = 0.0,
                    radius: tuple[float, float] = SyntheticConfig.subject_radius,
-                   texture_freq: tuple[float, float] = SyntheticConfig.texture_freq) -> SubjectSpec:
-    """Draw a random subject (shape, texture, colours, size: radius / min(H, W) uniform in `radius`)."""
-    color, color2, _ = _subject_color(rng, avoid_hue)
+                   texture_freq: tuple[float, float] = SyntheticConfig.texture_freq,
+                   min_luma: float = 0.0) -> SubjectSpec:
+    """Draw a random subject (shape, texture, colours of luma >= min_luma, size: radius / min(H, W) uniform
+    in `radius`)."""
+    color, color2, _ = _subject_color(rng, avoid_hue, min_luma)
     shape = str(rng.choice(SHAPES))
     blob = tuple(float(x) for x in rng.uniform(-0.18, 0.18, size=6)) if shape == "blob" else ()
     return SubjectSpec(
@@ -203,14 +243,16 @@ def sample_subject(rng: np.random.Generator, avoid_hue: float = 0.0,
 
 
 def sample_motion(rng: np.random.Generator, kind: str | None = None,
-                  kinds: tuple[str, ...] = MOTIONS, jitter: float = 0.2) -> MotionSpec:
+                  kinds: tuple[str, ...] = MOTIONS, jitter: float = 0.2,
+                  distance: tuple[float, float] = (0.3, 0.45)) -> MotionSpec:
     """Draw a motion of `kind` (else one of `kinds`) that keeps the subject mostly in frame.
 
     jitter: a slide's path is centred on the frame's centre +- jitter (0.2: the old, anywhere-in-view paths).
+    distance: range of a slide's (or diagonal's) path length, fraction of the frame.
     """
     kind = kind or str(rng.choice(list(kinds)))
     cx, cy = rng.uniform(0.3, 0.7, size=2)
-    dist = rng.uniform(0.3, 0.45)
+    dist = rng.uniform(*distance)
     s0 = rng.uniform(0.85, 1.15)
     a0 = rng.uniform(-20.0, 20.0)
     start, end, scale, angle = (cx, cy), (cx, cy), (s0, s0), (a0, a0)
@@ -247,13 +289,14 @@ def sample_background(rng: np.random.Generator, cfg: SyntheticConfig | None = No
     """Draw a background (muted colours, values at least `background_contrast` apart) and return it with its hue."""
     cfg = cfg or SyntheticConfig()
     hue = float(rng.uniform())
-    v1 = float(rng.uniform(0.2, 0.9))
-    # the second value: uniform over [0.2, 0.9] minus the band within `contrast` of v1 (stripes stay visible)
+    lo, hi = cfg.background_value
+    v1 = float(rng.uniform(lo, hi))
+    # the second value: uniform over [lo, hi] minus the band within `contrast` of v1 (stripes stay visible)
     c = cfg.background_contrast
-    below, above = max(0.0, v1 - c - 0.2), max(0.0, 0.9 - v1 - c)
+    below, above = max(0.0, v1 - c - lo), max(0.0, hi - v1 - c)
     if below + above > 0:
         u = float(rng.uniform(0.0, below + above))
-        v2 = 0.2 + u if u < below else v1 + c + (u - below)
+        v2 = lo + u if u < below else v1 + c + (u - below)
     else:  # no value in [0.2, 0.9] is far enough: step out of the range, staying in [0, 1]
         v2 = v1 + c if v1 + c <= 1.0 else v1 - c
     c1 = _hsv_to_rgb(hue, rng.uniform(0.0, 0.45), v1)
@@ -267,6 +310,13 @@ def sample_background(rng: np.random.Generator, cfg: SyntheticConfig | None = No
         noise_seed=int(rng.integers(0, 2**31 - 1)),
     )
     return spec, hue
+
+
+def subject_min_luma(background: BackgroundSpec, cfg: SyntheticConfig) -> float:
+    """The luma a subject's colours must reach on `background` (0 when cfg.subject_contrast is None)."""
+    if cfg.subject_contrast is None:
+        return 0.0
+    return max(luma(background.color), luma(background.color2)) + cfg.subject_contrast
 
 
 def _motion_phrase(m: MotionSpec) -> str:
@@ -311,8 +361,10 @@ def sample_clip_spec(seed: int, cfg: SyntheticConfig | None = None) -> ClipSpec:
     n = 1
     if cfg.max_subjects > 1 and rng.uniform() < cfg.two_subject_prob:
         n = int(rng.integers(2, cfg.max_subjects + 1))
-    subjects = [sample_subject(rng, bg_hue, cfg.subject_radius, cfg.texture_freq) for _ in range(n)]
-    motions = [sample_motion(rng, kinds=cfg.motions, jitter=cfg.path_jitter) for _ in range(n)]
+    floor = subject_min_luma(background, cfg)
+    subjects = [sample_subject(rng, bg_hue, cfg.subject_radius, cfg.texture_freq, floor) for _ in range(n)]
+    motions = [sample_motion(rng, kinds=cfg.motions, jitter=cfg.path_jitter, distance=cfg.slide_distance)
+               for _ in range(n)]
     if n > 1:  # spread the subjects apart horizontally/vertically so they do not overlap completely
         for i, m in enumerate(motions):
             off = (i - (n - 1) / 2) * 0.25

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from saber_pl.synthetic import (
     SyntheticConfig,
     build_embedded,
     clip_record,
+    luma,
     make_caption,
     make_sample,
     render_clip,
@@ -192,7 +194,7 @@ def test_captions_name_motion_and_background_never_colours_or_textures(cfg: Synt
 def test_content_knobs_are_checked_and_keep_backgrounds_visible() -> None:
     for bad in (dict(motions=("slide_left", "teleport")), dict(backgrounds=()), dict(background_freq=(2.0, 1.0)),
                 dict(texture_freq=(0.0, 1.0)), dict(background_contrast=0.6), dict(path_jitter=0.3),
-                dict(background_angles=())):
+                dict(background_angles=()), dict(slide_distance=(0.5, 0.3))):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SyntheticConfig(**bad)
     # the two background colours differ in value by >= background_contrast, so stripes/checks stay visible
@@ -206,10 +208,50 @@ def test_content_knobs_are_checked_and_keep_backgrounds_visible() -> None:
         m = spec.motions[0]
         centre = [(a + b) / 2 for a, b in zip(m.start, m.end)]
         assert all(abs(c - 0.5) <= SMALL.path_jitter + 1e-3 for c in centre), m
+        length = math.hypot(m.end[0] - m.start[0], m.end[1] - m.start[1])
+        assert SMALL.slide_distance[0] - 1e-3 <= length <= SMALL.slide_distance[1] + 1e-3, m
         assert spec.background.angle in SMALL.background_angles
     anywhere = dataclasses.replace(SMALL, path_jitter=0.2, background_angles=None)
     centres = [sample_clip_spec(seed, anywhere).motions[0].start[1] for seed in range(100)]
     assert max(centres) - min(centres) > 0.2
+
+
+def _direction_explains(cfg: SyntheticConfig, n: int = 640) -> float:
+    """Held-out share of the clips' luma variance (8x8 pooled) that the caption's direction explains beyond its
+    background kind: group means from one half of the clips, residuals on the other."""
+    x, keys = [], []
+    for seed in range(n):
+        spec = sample_clip_spec(50_000 + seed, cfg)
+        frames = render_clip(spec).astype(np.float32).mean(-1) / 255.0  # [F, H, W] luma
+        f, h, w = frames.shape
+        x.append(frames.reshape(f, 8, h // 8, 8, w // 8).mean((2, 4)).ravel())
+        keys.append((spec.background.kind, spec.motions[0].kind))
+    x = np.stack(x)
+    fit, held = np.arange(n) % 2 == 0, np.arange(n) % 2 == 1
+    res_bg = res_both = 0.0
+    for bg, motion in set(keys):
+        same_bg = np.array([k[0] == bg for k in keys])
+        both = np.array([k == (bg, motion) for k in keys])
+        held_x = x[both & held]
+        res_bg += ((held_x - x[same_bg & fit].mean(0)) ** 2).sum()
+        res_both += ((held_x - x[both & fit].mean(0)) ** 2).sum()
+    return float((res_bg - res_both) / res_bg)
+
+
+def test_subjects_outshine_the_background_so_the_direction_word_shapes_the_mean_clip() -> None:
+    # Issue 12: with subject and background brightness independent, the mean clip of "slides left" and of
+    # "slides right" were the same picture, so at high noise the direction word told the denoiser nothing.
+    for seed in range(100):
+        spec = sample_clip_spec(seed, SMALL)
+        bg = max(luma(spec.background.color), luma(spec.background.color2))
+        for s in spec.subjects:
+            assert min(luma(s.color), luma(s.color2)) >= bg + SMALL.subject_contrast - 0.01, (s, spec.background)
+    old = dataclasses.replace(SMALL, background_value=(0.2, 0.9), subject_contrast=None, background_contrast=0.3)
+    assert _direction_explains(old) < 0.02  # the known-bad data set: nothing beyond chance
+    assert _direction_explains(SMALL) > 0.08
+    for bad in (dict(background_value=(0.6, 0.2)), dict(subject_contrast=0.7)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SyntheticConfig(**bad)
 
 
 def test_record_keeps_subjects_and_trajectories_and_product_photo() -> None:

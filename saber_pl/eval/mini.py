@@ -105,8 +105,10 @@ def case_spec(i: int, seed: int) -> tuple[synthetic.ClipSpec, float, float]:
     data = synthetic.SyntheticConfig()
     background, hue = synthetic.sample_background(rng, data)
     background.kind = BACKGROUNDS[(i // len(MOTIONS)) % len(BACKGROUNDS)]
-    subject = synthetic.sample_subject(rng, hue, data.subject_radius, data.texture_freq)
-    motion = synthetic.sample_motion(rng, kind=MOTIONS[i % len(MOTIONS)], jitter=data.path_jitter)
+    subject = synthetic.sample_subject(rng, hue, data.subject_radius, data.texture_freq,
+                                       synthetic.subject_min_luma(background, data))
+    motion = synthetic.sample_motion(rng, kind=MOTIONS[i % len(MOTIONS)], jitter=data.path_jitter,
+                                     distance=data.slide_distance)
     noun = str(rng.choice(synthetic.NOUNS))
     spec = synthetic.ClipSpec(int(seed) * 1000 + i, background, [subject], [motion], noun,
                               synthetic.make_caption(noun, [motion], background), data)
