@@ -19,6 +19,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from saber_pl.synthetic import BACKGROUNDS, MOTIONS, SyntheticConfig, build_embedded  # noqa: E402
 
 
+def _float_or_none(text: str) -> float | None:
+    """A number, or None for 'none' (argparse type: a bad value is reported with the flag's name)."""
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="data/embedded", help="output folder (train-%%06d.tar, val-%%06d.tar)")
@@ -37,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                    metavar=("LOW", "HIGH"), help="subject radius range, fraction of min(H, W)")
     p.add_argument("--background-value", type=float, nargs=2, default=SyntheticConfig.background_value,
                    metavar=("LOW", "HIGH"), help="HSV value range of the background colours")
-    p.add_argument("--subject-contrast", default=str(SyntheticConfig.subject_contrast),
+    p.add_argument("--subject-contrast", type=_float_or_none, default=SyntheticConfig.subject_contrast,
                    help="min luma a subject exceeds the background by, or 'none' (any brightness: the old set)")
     p.add_argument("--background-contrast", type=float, default=SyntheticConfig.background_contrast,
                    help="min value difference of the two background colours")
@@ -48,10 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     try:
-        contrast = None if a.subject_contrast.lower() == "none" else float(a.subject_contrast)
         cfg = SyntheticConfig(num_frames=a.frames, fps=a.fps, height=a.height, width=a.width,
                               subject_radius=tuple(a.subject_radius), max_subjects=a.max_subjects,
-                              background_value=tuple(a.background_value), subject_contrast=contrast,
+                              background_value=tuple(a.background_value), subject_contrast=a.subject_contrast,
                               background_contrast=a.background_contrast, slide_distance=tuple(a.slide_distance),
                               motions=MOTIONS if a.motions == ["all"] else tuple(a.motions),
                               backgrounds=BACKGROUNDS if a.backgrounds == ["all"] else tuple(a.backgrounds))
