@@ -200,14 +200,21 @@ def luma(color: RGB) -> float:
     return sum(color) / (3 * 255.0)
 
 
+MIN_SUBJECT_SATURATION = 0.3  # a paled subject colour stays this saturated: never the gray of a reference's fill
+
+
 def _bright_enough(rng: np.random.Generator, hue: float, sat: tuple[float, float], val: tuple[float, float],
                    min_luma: float) -> RGB:
-    """A colour of `hue` with saturation / value drawn from the ranges, desaturated until its luma >= min_luma
-    (a saturated blue has luma 0.33 at full value: only a paler blue is brighter than that)."""
+    """A colour of `hue` with saturation / value drawn from the ranges, brightened, then paled (down to
+    `MIN_SUBJECT_SATURATION`) until its luma >= min_luma (a saturated blue has luma 0.33 at full value:
+    only a paler blue is brighter than that). At saturation 0.3 and value 1 every hue has luma >= 0.8."""
     s, v = rng.uniform(*sat), rng.uniform(max(val[0], min(min_luma, 1.0)), val[1])
     color = _hsv_to_rgb(hue, s, v)
-    while luma(color) < min_luma and s > 0.0:
-        s = max(0.0, s - 0.05)
+    while luma(color) < min_luma and (v < 1.0 or s > MIN_SUBJECT_SATURATION):
+        if v < 1.0:
+            v = min(1.0, v + 0.05)
+        else:
+            s = max(MIN_SUBJECT_SATURATION, min(s, 1.0) - 0.05)
         color = _hsv_to_rgb(hue, s, v)
     return color
 

@@ -246,6 +246,8 @@ def test_subjects_outshine_the_background_so_the_direction_word_shapes_the_mean_
         bg = max(luma(spec.background.color), luma(spec.background.color2))
         for s in spec.subjects:
             assert min(luma(s.color), luma(s.color2)) >= bg + SMALL.subject_contrast - 0.01, (s, spec.background)
+            # paled, never neutral: a gray subject colour would read as a reference's gray fill (gray halo)
+            assert all((max(c) - min(c)) / max(c) >= 0.29 for c in (s.color, s.color2)), s
     old = dataclasses.replace(SMALL, background_value=(0.2, 0.9), subject_contrast=None, background_contrast=0.3)
     assert _direction_explains(old) < 0.02  # the known-bad data set: nothing beyond chance
     assert _direction_explains(SMALL) > 0.08
