@@ -68,7 +68,7 @@ class SyntheticConfig:
     # `subject_contrast`: a subject of random colour on a background of random value is, on average,
     # the background's colour, so the mean clip of a caption is the same for every direction and the
     # direction word tells a denoiser nothing at high noise, where the layout is decided (the direction
-    # explained -1 % of the latent variance held out, with these defaults +15 %; docs/data.md)
+    # explained -1 % of the latent variance held out; +15 % when dark, +21 % with the longer slides; docs/data.md)
     background_value: tuple[float, float] = (0.1, 0.45)
     # min luma (mean RGB, 0..1) by which each subject colour exceeds the brighter background colour;
     # None = subject colours independent of the background's brightness (the old data set: (0.2, 0.9), None)
@@ -304,7 +304,7 @@ def sample_background(rng: np.random.Generator, cfg: SyntheticConfig | None = No
     if below + above > 0:
         u = float(rng.uniform(0.0, below + above))
         v2 = lo + u if u < below else v1 + c + (u - below)
-    else:  # no value in [0.2, 0.9] is far enough: step out of the range, staying in [0, 1]
+    else:  # no value in [lo, hi] is far enough: step out of the range, staying in [0, 1]
         v2 = v1 + c if v1 + c <= 1.0 else v1 - c
     c1 = _hsv_to_rgb(hue, rng.uniform(0.0, 0.45), v1)
     c2 = _hsv_to_rgb((hue + rng.uniform(-0.08, 0.08)) % 1.0, rng.uniform(0.0, 0.45), v2)
