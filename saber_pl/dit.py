@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
+from diffusers.models.embeddings import get_3d_sincos_pos_embed
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -123,8 +124,11 @@ class SaberTransformer(nn.Module):
         max_refs: int = 8,
         prediction: str = "velocity",
         prediction_t_min: float = 0.05,
+        position_embedding: str = "none",
     ) -> None:
         super().__init__()
+        if position_embedding not in ("none", "sincos"):
+            raise ValueError(f"position_embedding must be 'none' or 'sincos', got {position_embedding!r}")
         if prediction not in ("velocity", "sample"):
             raise ValueError(f"prediction must be 'velocity' or 'sample', got {prediction!r}")
         if ref_timestep not in ("shared", "zero"):
@@ -140,6 +144,7 @@ class SaberTransformer(nn.Module):
         self.max_refs = max_refs
         self.prediction = prediction
         self.prediction_t_min = prediction_t_min
+        self.position_embedding = position_embedding
         self.gradient_checkpointing = False
         # Dtype the blocks compute in. None: the patch embedding's dtype (a plain or `cast_like_pretrained`
         # model); set by parallel.shard_transformer, where parameters read between FSDP2 units are shards.
@@ -209,6 +214,21 @@ class SaberTransformer(nn.Module):
             tables.append(grid.reshape(n * hp * wp, -1))
         return tables[0], tables[1]
 
+    def video_positions(self, frames: int, hp: int, wp: int) -> Tensor:  # [F*hp*wp, D]
+        """Fixed 3D sin-cos embedding of each video token's absolute (frame, row, column), added after
+        the patch embedding (`position_embedding: sincos`; CogVideoX's table, as DiT adds its 2D one).
+
+        Why: Wan's only positions are RoPE's, which are relative, so a DiT fed pure noise is translation
+        equivariant and its best guess at t ~ 1 is the same at every token. Where the data ties the layout
+        to the caption (mini: a subject that slides through the frame's centre), the mean clip of "slides
+        to the left" cannot be drawn without absolute positions, and the direction word is worth nothing
+        where the sampler lays the clip out (docs/bench_mini.md, sixth round). Reference tokens get none:
+        they are told apart by their mask channels and RoPE index. Off for pretrained Wan (no such input).
+        """
+        dim = self.wan.config.num_attention_heads * self.wan.config.attention_head_dim
+        table = get_3d_sincos_pos_embed(dim, (wp, hp), frames, device=self.wan.patch_embedding.weight.device)
+        return table.flatten(0, 1)  # [F, hp*wp, D] -> [F*hp*wp, D], in the tokens' (f, h, w) order
+
     def forward(
         self,
         latents: Tensor,  # [B, C, F, h, w] noisy video latents z_t
@@ -241,6 +261,8 @@ class SaberTransformer(nn.Module):
             refs = torch.cat([refs, mask, refs], dim=2).transpose(1, 2)  # [B, 2C+4, K, h, w]
             x = torch.cat([x, refs], dim=2)  # [B, 2C+4, F+K, h, w]
         tokens = wan.patch_embedding(x).flatten(2).transpose(1, 2).contiguous()  # [B, S_full, D]
+        if self.position_embedding == "sincos":
+            tokens[:, :s_vid] += self.video_positions(f, hp, wp).to(tokens)
 
         # 2. token validity: video always, references inside the mask (or all real ones without the mask)
         valid = torch.ones(b, s_full, dtype=torch.bool, device=tokens.device)

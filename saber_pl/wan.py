@@ -62,6 +62,9 @@ class ModelConfig:
     # inside SaberTransformer, so the loss, the samplers and generate see a velocity either way
     prediction: Literal["velocity", "sample"] = "velocity"
     prediction_t_min: float = 0.05  # prediction=sample: the t below which the division is clamped
+    # absolute positions of the video tokens on top of Wan's relative RoPE: none (Wan), or a fixed 3D
+    # sin-cos table added after the patch embedding (small random DiTs; SaberTransformer.video_positions)
+    position_embedding: Literal["none", "sincos"] = "none"
 
     def __post_init__(self) -> None:
         if self.scale not in SCALES:
@@ -79,6 +82,10 @@ class ModelConfig:
             raise ValueError(f"random_weights must be 'default' or 'adaln_zero', got {self.random_weights!r}")
         if self.prediction not in ("velocity", "sample"):
             raise ValueError(f"prediction must be 'velocity' or 'sample', got {self.prediction!r}")
+        if self.position_embedding not in ("none", "sincos"):
+            raise ValueError(f"position_embedding must be 'none' or 'sincos', got {self.position_embedding!r}")
+        if self.position_embedding != "none" and self.init != "random" and (self.wan_dir or self.spec.pretrained):
+            raise ValueError("position_embedding needs init=random: Wan's pretrained weights never saw one")
         if not 0.0 < self.prediction_t_min <= 1.0:
             raise ValueError(f"prediction_t_min must be in (0, 1], got {self.prediction_t_min}")
         if self.prediction == "sample" and self.init != "random" and (self.wan_dir or self.spec.pretrained):
@@ -370,6 +377,7 @@ def saber_kwargs(cfg: ModelConfig) -> dict[str, Any]:
         valid_threshold=cfg.valid_threshold, mask_threshold=cfg.mask_threshold,
         ref_rope_offset=cfg.ref_rope_offset, max_refs=cfg.max_refs,
         prediction=cfg.prediction, prediction_t_min=cfg.prediction_t_min,
+        position_embedding=cfg.position_embedding,
     )
 
 

@@ -16,7 +16,8 @@ from saber_pl.wan import (
 @pytest.mark.parametrize(
     "field,value", [("scale", "7B"), ("init", "v2v"), ("ref_timestep", "one"), ("attn_backend", "flash"),
                     ("valid_threshold", 0.0), ("mask_threshold", 1.5), ("max_refs", 0), ("text_len", 0),
-                    ("ref_rope_offset", -1), ("prediction", "epsilon"), ("prediction_t_min", 0.0)]
+                    ("ref_rope_offset", -1), ("prediction", "epsilon"), ("prediction_t_min", 0.0),
+                    ("position_embedding", "learned")]
 )
 def test_config_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -27,6 +28,13 @@ def test_sample_prediction_refuses_pretrained_velocity_weights():
     with pytest.raises(ValueError, match="prediction=sample needs init=random"):
         ModelConfig(scale="14B", init="t2v", prediction="sample")
     assert ModelConfig(scale="14B", init="random", prediction="sample").prediction == "sample"
+
+
+def test_position_embedding_refuses_pretrained_weights():
+    """Wan's pretrained DiT never saw absolute positions: adding them would corrupt its features."""
+    with pytest.raises(ValueError, match="position_embedding needs init=random"):
+        ModelConfig(scale="14B", init="t2v", position_embedding="sincos")
+    assert ModelConfig(scale="mini", init="random", position_embedding="sincos").position_embedding == "sincos"
 
 
 def test_meta_parameter_counts_match_diffusers():
