@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer, ByT5Tokenizer, UMT5Config, UMT5EncoderModel
 
 from saber_pl.dit import SaberTransformer
+from saber_pl.tokenizer import WORD_VOCAB, WordHashTokenizer
 
 Scale = Literal["tiny", "mini", "1.3B", "14B"]
 
@@ -65,6 +66,9 @@ class ModelConfig:
     # absolute positions of the video tokens on top of Wan's relative RoPE: none (Wan), or a fixed 3D
     # sin-cos table added after the patch embedding (small random DiTs; SaberTransformer.video_positions)
     position_embedding: Literal["none", "sincos"] = "none"
+    # the random umT5's tokenizer (tiny/mini; real scales load umT5's own from wan_dir): bytes (ByT5), or
+    # words (one hashed id per word as SentencePiece gives common words; saber_pl.tokenizer)
+    tokenizer: Literal["bytes", "words"] = "bytes"
 
     def __post_init__(self) -> None:
         if self.scale not in SCALES:
@@ -86,6 +90,11 @@ class ModelConfig:
             raise ValueError(f"position_embedding must be 'none' or 'sincos', got {self.position_embedding!r}")
         if self.position_embedding != "none" and self.init != "random" and (self.wan_dir or self.spec.pretrained):
             raise ValueError("position_embedding needs init=random: Wan's pretrained weights never saw one")
+        if self.tokenizer not in ("bytes", "words"):
+            raise ValueError(f"tokenizer must be 'bytes' or 'words', got {self.tokenizer!r}")
+        if self.tokenizer != "bytes" and self.spec.pretrained:
+            raise ValueError(f"tokenizer={self.tokenizer} is for the random umT5 of tiny/mini: scale "
+                             f"{self.scale} loads umT5's own tokenizer from wan_dir")
         if not 0.0 < self.prediction_t_min <= 1.0:
             raise ValueError(f"prediction_t_min must be in (0, 1], got {self.prediction_t_min}")
         if self.prediction == "sample" and self.init != "random" and (self.wan_dir or self.spec.pretrained):
@@ -527,6 +536,16 @@ def load_pretrained_frozen(root: Path, text_len: int, dtype: torch.dtype, device
     return vae.to(device), TextEncoder(encoder, tokenizer, text_len)
 
 
+def random_tokenizer(cfg: ModelConfig) -> Any:
+    """The tokenizer of a random umT5 (tiny/mini): bytes (ByT5) or hashed words (`model.tokenizer`)."""
+    return WordHashTokenizer(WORD_VOCAB) if cfg.tokenizer == "words" else ByT5Tokenizer()
+
+
+def umt5_config(cfg: ModelConfig) -> dict[str, Any]:
+    """The scale's random UMT5Config kwargs, with a vocabulary that covers `model.tokenizer`'s ids."""
+    return {**cfg.spec.umt5, "vocab_size": WORD_VOCAB} if cfg.tokenizer == "words" else dict(cfg.spec.umt5)
+
+
 def build_components(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                      text_encoder: bool = True) -> Components:
     """Build (tiny/mini) or load (1.3B/14B from wan_dir) the DiT, VAE, text encoder and tokenizer.
@@ -547,7 +566,7 @@ def build_components(cfg: ModelConfig, device: str | torch.device = "cpu", dtype
         with torch.random.fork_rng(devices=[]):  # same random weights on every rank
             torch.manual_seed(cfg.seed)
             wan = random_wan(spec.dit, cfg.init, cfg.random_weights)  # built even when loaded below: umT5 draws next
-            encoder = UMT5EncoderModel(UMT5Config(**spec.umt5)) if text_encoder else None
+            encoder = UMT5EncoderModel(UMT5Config(**umt5_config(cfg))) if text_encoder else None
         if (folder := dit_folder(cfg)) is not None:
             wan = _load_wan(cfg, folder.parent, dtype)
         if "pixel" in spec.vae:
@@ -560,7 +579,7 @@ def build_components(cfg: ModelConfig, device: str | torch.device = "cpu", dtype
                 torch.manual_seed(cfg.seed + 1)
                 vae_model = AutoencoderKLWan(**spec.vae)
             vae = VideoVAE(vae_model, vae_model.config.latents_mean, vae_model.config.latents_std)
-        tokenizer = ByT5Tokenizer() if text_encoder else None
+        tokenizer = random_tokenizer(cfg) if text_encoder else None
         wan = _cast(wan, dtype)
         encoder = _cast(encoder, dtype) if encoder is not None else None
     if vae.latent_channels != wan.config.out_channels:
