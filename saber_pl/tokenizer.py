@@ -18,7 +18,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizer
 
-WORD_VOCAB = 4096  # ids of the small scales' word tokenizer: 37 caption words, no collision (tests/test_tokenizer.py)
+WORD_VOCAB = 4096  # ids of the word tokenizer: the 40 caption tokens never collide (tests/test_tokenizer.py)
 WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")  # words and digits, each other non-space character alone
 
 
