@@ -69,3 +69,20 @@ def test_a_model_that_uses_the_word_scores_above_zero():
 def test_mismatched_inputs_are_refused():
     with pytest.raises(ValueError, match="2 clips but 4 captions"):
         caption_reliance(_generator(), _clips(2), CAPTIONS, DIRECTION_SWAPS)
+
+
+def test_noise_layout_gap_is_zero_for_a_model_that_ignores_the_text():
+    """At t ~ 1 (where the sampler places the subject): a random DiT's picture moves with the word; with
+    the cross-attention's output at zero the text has no path in and the gap is exactly 0."""
+    from saber_pl.eval.caption_probe import noise_layout_gap
+    from saber_pl.generate import VideoSpec
+
+    gen = _generator()
+    video = VideoSpec(height=32, width=32, frames=5, fps=8.0)
+    assert noise_layout_gap(gen, SHORT, DIRECTION_SWAPS, noises=2, video=video) > 1e-4
+    for block in gen.dit.wan.blocks:
+        torch.nn.init.zeros_(block.attn2.to_out[0].weight)
+        torch.nn.init.zeros_(block.attn2.to_out[0].bias)
+    assert noise_layout_gap(gen, SHORT, DIRECTION_SWAPS, noises=2, video=video) == 0.0
+    with pytest.raises(ValueError, match="no caption has a word to swap"):
+        noise_layout_gap(gen, ["a cat"], DIRECTION_SWAPS, video=video)
