@@ -16,7 +16,7 @@ import json
 import torch
 
 from saber_pl.eval.caption_probe import BACKGROUND_SWAPS, DIRECTION_SWAPS, noise_layout_gap
-from saber_pl.eval.mini import case_spec
+from saber_pl.eval.mini import BenchConfig, case_spec
 from saber_pl.generate import Generator
 
 
@@ -25,11 +25,11 @@ def main() -> None:
     p.add_argument("--ckpt", required=True, help="a run folder, a checkpoint in a run, or an exported folder")
     p.add_argument("--t", type=float, default=0.98, help="noise level of the probe (1 = pure noise)")
     p.add_argument("--noises", type=int, default=16)
-    p.add_argument("--prompts", type=int, default=16, help="first N bench cases (seed 20261124)")
+    p.add_argument("--prompts", type=int, default=16, help="first N bench cases (the bench's case seed)")
     a = p.parse_args()
     torch.set_num_threads(2)
     gen = Generator.from_checkpoint(a.ckpt)
-    captions = [case_spec(i, 20261124)[0].caption for i in range(a.prompts)]
+    captions = [case_spec(i, BenchConfig.seed)[0].caption for i in range(a.prompts)]
     direction = noise_layout_gap(gen, captions, DIRECTION_SWAPS, a.t, a.noises)
     background = noise_layout_gap(gen, captions, BACKGROUND_SWAPS, a.t, a.noises)
     print(json.dumps({"ckpt": a.ckpt, "t": a.t, "noises": a.noises, "prompts": a.prompts,

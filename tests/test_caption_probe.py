@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from saber_pl.eval.caption_probe import BACKGROUND_SWAPS, DIRECTION_SWAPS, caption_reliance, swap_words
-from saber_pl.generate import Generator, model_limits
+from saber_pl.eval.caption_probe import (BACKGROUND_SWAPS, DIRECTION_SWAPS, caption_reliance, noise_layout_gap,
+                                         swap_words)
+from saber_pl.generate import Generator, VideoSpec, model_limits
 from saber_pl.wan import ModelConfig, build_components
 
 SHORT = ["moves up", "moves down", "goes left", "goes right"]  # within tiny's 16 byte tokens
@@ -74,9 +75,6 @@ def test_mismatched_inputs_are_refused():
 def test_noise_layout_gap_is_zero_for_a_model_that_ignores_the_text():
     """At t ~ 1 (where the sampler places the subject): a random DiT's picture moves with the word; with
     the cross-attention's output at zero the text has no path in and the gap is exactly 0."""
-    from saber_pl.eval.caption_probe import noise_layout_gap
-    from saber_pl.generate import VideoSpec
-
     gen = _generator()
     video = VideoSpec(height=32, width=32, frames=5, fps=8.0)
     assert noise_layout_gap(gen, SHORT, DIRECTION_SWAPS, noises=2, video=video) > 1e-4
