@@ -25,6 +25,10 @@ class FlowConfig:
     logit_std: float = 1.0  # logit-normal scale (sampling: logit_normal)
     t_min: float = 0.0  # clamp of t, keeps the target defined at the ends
     t_max: float = 1.0
+    # (ours) a share of the draws taken uniform in high_t_range instead, after the shift: where the input is
+    # nearly pure noise and only the text can say where the subject is (the layout); 0 = off
+    high_t_fraction: float = 0.0
+    high_t_range: tuple[float, float] = (0.9, 1.0)
 
     def __post_init__(self) -> None:
         if self.shift <= 0:
@@ -33,6 +37,11 @@ class FlowConfig:
             raise ValueError(f"flow.logit_std must be > 0, got {self.logit_std}")
         if not 0.0 <= self.t_min < self.t_max <= 1.0:
             raise ValueError(f"flow.t_min/t_max must satisfy 0 <= t_min < t_max <= 1, got {self.t_min}, {self.t_max}")
+        if not 0.0 <= self.high_t_fraction <= 1.0:
+            raise ValueError(f"flow.high_t_fraction must be in [0, 1], got {self.high_t_fraction}")
+        lo, hi = self.high_t_range
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"flow.high_t_range must satisfy 0 <= low < high <= 1, got {self.high_t_range}")
 
 
 def shift_timesteps(u: Tensor, shift: float) -> Tensor:
@@ -50,7 +59,13 @@ def sample_timesteps(cfg: FlowConfig, n: int, device: torch.device | str = "cpu"
     else:
         z = torch.randn(n, device=device, generator=generator, dtype=f32)
         u = torch.sigmoid(cfg.logit_mean + cfg.logit_std * z)
-    return shift_timesteps(u, cfg.shift).clamp(cfg.t_min, cfg.t_max)
+    t = shift_timesteps(u, cfg.shift)
+    if cfg.high_t_fraction > 0:  # drawn only when on, so configs without it replay the same t and noise
+        lo, hi = cfg.high_t_range
+        high = lo + (hi - lo) * torch.rand(n, device=device, generator=generator, dtype=f32)
+        pick = torch.rand(n, device=device, generator=generator, dtype=f32) < cfg.high_t_fraction
+        t = torch.where(pick, high, t)
+    return t.clamp(cfg.t_min, cfg.t_max)
 
 
 def step_seed(seed: int, rank: int, step: int, micro: int = 0) -> int:
