@@ -152,16 +152,18 @@ def _umt5(d_model: int, layers: int) -> dict[str, Any]:
 
 
 # The mini scale's fixed linear autoencoder (`PixelAutoencoder`): 2x2 pixels x 4 frames per latent pixel,
-# the 16 (colour, temporal freq, spatial freq) components of largest variance on the embedded data set
-# (98.2% of the variance, the same as the 16 best principal components: PSNR 33.2 dB). Normalisation:
-# each channel's mean there, and one std for all channels (their RMS std, 0.6), so the latent has unit
-# mean variance but keeps its spectrum: per-channel stds (luma DC 2.05 ... details 0.09) would blow the
-# 13 detail channels up 10x, and that DiT denoised worse (docs/bench_mini.md).
+# the 16 (colour, temporal freq, spatial freq) components of largest variance on the embedded data set as
+# training decodes it (97.6% of the variance; refitted 2026-12-03 after the session-7 data change had left two
+# colour details of std 0.005 in the list, channels the DiT could only fill with noise; tests/test_wan.py).
+# Normalisation: each channel's mean there (the luma DC's is -2.83: uncentred it sat at -4.4 normalised), and one
+# std for all channels (their RMS std, 0.6), so the latent has unit mean variance but keeps its spectrum:
+# per-channel stds (luma DC 1.9 ... details 0.13) would blow the detail channels up ~5x, and that DiT denoised
+# worse (docs/bench_mini.md).
 MINI_AUTOENCODER: dict[str, Any] = {
     "pixel": 2,
-    "components": [(0, 0, 0), (2, 0, 0), (1, 0, 0), (0, 0, 2), (0, 0, 1), (0, 1, 0), (2, 1, 0), (1, 1, 0),
-                   (0, 2, 0), (1, 2, 0), (0, 0, 3), (2, 2, 0), (2, 0, 1), (2, 0, 2), (1, 0, 2), (1, 0, 1)],
-    "latents_mean": [-0.216, 0.015, -0.023, -0.001, 0.002, -0.002, 0.0, 0.001, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+    "components": [(0, 0, 0), (1, 0, 0), (2, 0, 0), (0, 1, 0), (0, 0, 1), (0, 0, 2), (2, 1, 0), (0, 2, 0),
+                   (1, 1, 0), (2, 2, 0), (1, 2, 0), (0, 3, 0), (2, 0, 2), (1, 0, 2), (0, 1, 1), (0, 1, 2)],
+    "latents_mean": [-2.832, -0.008, -0.012] + [0.0] * 13,
     "latents_std": [0.6] * 16,
 }
 
