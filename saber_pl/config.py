@@ -27,6 +27,7 @@ from saber_pl.datamodule import DataConfig
 from saber_pl.flow import FlowConfig
 from saber_pl.masks import MaskConfig
 from saber_pl.paths import ROOT
+from saber_pl.sampling import SampleConfig
 from saber_pl.wan import ModelConfig
 
 EXPERIMENTS_DIR = ROOT / "experiments"  # the checkout's experiments/, or the copy inside an installed wheel
@@ -112,7 +113,7 @@ class LoggingConfig:
     timestep_buckets: int = 4  # train/loss_t<i>: loss per equal-width bucket of t in [0, 1]
     val_videos: int = 2  # sample videos generated at each validation (rank 0)
     val_sample_steps: int = 10  # sampler steps for the validation videos
-    val_guidance: float = 5.0  # CFG scale for the validation videos
+    val_guidance: float | None = None  # CFG scale for the validation videos (None: the run's sample.guidance)
     val_fps: int = 8  # fps of the TensorBoard videos
 
     def __post_init__(self) -> None:
@@ -135,6 +136,7 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
 
     @property
     def run_name(self) -> str:

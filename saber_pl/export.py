@@ -66,7 +66,8 @@ def export(run_dir: Path, out: Path, ckpt: Path | None = None, prefer_ema: bool 
     out.mkdir(parents=True, exist_ok=True)
     dit.wan.save_pretrained(out, safe_serialization=True)
     meta = {"source": source, "checkpoint": str(ckpt), "experiment": cfg.exp, "scale": cfg.scale,
-            "saber": saber_kwargs(cfg.model), "model": to_dict(cfg.model), "data": to_dict(cfg.data)}
+            "saber": saber_kwargs(cfg.model), "model": to_dict(cfg.model), "data": to_dict(cfg.data),
+            "sample": to_dict(cfg.sample)}
     (out / "saber.json").write_text(json.dumps(meta, indent=2))
     return out
 

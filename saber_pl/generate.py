@@ -47,7 +47,7 @@ from saber_pl.config import ConfigError, from_dict, load_config
 from saber_pl.datamodule import DataConfig
 from saber_pl.dit import SaberTransformer
 from saber_pl.references import Reference, ReferenceConfig, prepare_references, save_references
-from saber_pl.sampling import SCHEDULERS, SamplerConfig, sample_latents
+from saber_pl.sampling import SCHEDULERS, SampleConfig, SamplerConfig, sample_latents
 from saber_pl.video import encode_mp4
 from saber_pl.wan import ModelConfig, PixelAutoencoder, TextEncoder, VideoVAE
 
@@ -149,10 +149,14 @@ class CheckpointSource:
     data: DataConfig | None  # the run's data section: default size, frames, fps
     ema: bool  # run: the checkpoint holds `dit_ema.*`; export: the folder holds EMA weights
     saber: dict | None = None  # export: SaberTransformer kwargs from saber.json
+    sample: SampleConfig | None = None  # the run's sampling defaults (steps, CFG, scheduler)
 
     def video_defaults(self) -> VideoSpec:
         d = self.data or DataConfig()
         return VideoSpec(d.height, d.width, d.num_frames, d.fps)
+
+    def sample_defaults(self) -> SampleConfig:
+        return self.sample or SampleConfig()
 
 
 def _find_run_dir(ckpt: Path) -> Path | None:
@@ -177,14 +181,15 @@ def resolve_checkpoint(path: str | Path, wan_dir: str | None = None) -> Checkpoi
     if path.is_dir() and (path / "saber.json").is_file():
         meta = json.loads((path / "saber.json").read_text())
         model = from_dict(ModelConfig, meta["model"], "model")
-        if "data" in meta:  # the run's data section (size, frames, fps) recorded by export
-            data = from_dict(DataConfig, meta["data"], "data")
-        else:  # an older export: the defaults of its experiment and scale
-            try:
-                data = load_config(meta.get("experiment", "saber_full"), model.scale).data
-            except (ConfigError, FileNotFoundError):
-                data = None
-        source = CheckpointSource("export", path, None, model, data, meta.get("source") == "dit_ema", meta["saber"])
+        try:  # an older export lacks the data / sample sections: the defaults of its experiment and scale
+            defaults = load_config(meta.get("experiment", "saber_full"), model.scale)
+        except (ConfigError, FileNotFoundError):
+            defaults = None
+        # the run's data section (size, frames, fps) and sampling defaults, recorded by export
+        data = from_dict(DataConfig, meta["data"], "data") if "data" in meta else defaults and defaults.data
+        sample = from_dict(SampleConfig, meta["sample"], "sample") if "sample" in meta else defaults and defaults.sample
+        source = CheckpointSource("export", path, None, model, data, meta.get("source") == "dit_ema", meta["saber"],
+                                  sample)
     else:
         if path.is_dir() and (path / "config.yaml").is_file():
             run_dir = path
@@ -199,7 +204,7 @@ def resolve_checkpoint(path: str | Path, wan_dir: str | None = None) -> Checkpoi
             raise FileNotFoundError(f"checkpoint not found: {path} is neither a run folder (config.yaml), "
                                     "a checkpoint, nor an exported folder (saber.json)")
         cfg = load_run_config(run_dir)
-        source = CheckpointSource("run", run_dir, ckpt, cfg.model, cfg.data, cfg.optim.ema)
+        source = CheckpointSource("run", run_dir, ckpt, cfg.model, cfg.data, cfg.optim.ema, sample=cfg.sample)
     if wan_dir:
         source.model = dataclasses.replace(source.model, wan_dir=str(wan_dir))
     return source
@@ -260,6 +265,11 @@ def load_export_dit(source: CheckpointSource, dtype: torch.dtype) -> SaberTransf
     from diffusers import WanTransformer3DModel
 
     model = WanTransformer3DModel.from_pretrained(source.root, torch_dtype=dtype, local_files_only=True)
+    # The weights arrive as views into the memory-mapped safetensors file, at offsets only 8-byte aligned: the
+    # CPU matmul kernels then take other code paths (results differ by ~1e-6 from the run's). Own copies, in
+    # the allocator's 64-byte-aligned memory, make the export compute exactly like the run it came from.
+    for tensor in [*model.parameters(), *model.buffers()]:
+        tensor.data = tensor.data.clone()
     return SaberTransformer(model, **source.saber)
 
 
@@ -520,11 +530,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=None, help="default: the run's data.width")
     p.add_argument("--frames", type=int, default=None, help="4k+1; default: the run's data.num_frames")
     p.add_argument("--fps", type=float, default=None, help="default: the run's data.fps")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=5.0, help="CFG scale on the text (1 = off)")
+    p.add_argument("--steps", type=int, default=None, help="default: the run's sample.steps (50, the paper's)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="CFG scale on the text (1 = off); default: the run's sample.guidance (5.0, Wan's; mini: 1.0)")
     p.add_argument("--shift", type=float, default=None,
                    help="flow shift; default: the run's flow.shift (what it trained with; 5.0, Wan's, for an export)")
-    p.add_argument("--scheduler", choices=SCHEDULERS, default="unipc")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="default: the run's sample.scheduler (unipc)")
     p.add_argument("--drop-refs-uncond", action="store_true", help="drop the references in the unconditional branch")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
@@ -546,11 +557,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def request_from_args(args: argparse.Namespace, source: CheckpointSource) -> tuple[VideoSpec, SamplerConfig]:
-    """Video size (flags over the run's defaults) and sampler settings, validated."""
+    """Video size and sampler settings (flags over the run's defaults), validated."""
     d = source.video_defaults()
     video = VideoSpec(args.height or d.height, args.width or d.width, args.frames or d.frames, args.fps or d.fps)
     shift = args.shift if args.shift is not None else default_shift(source)
-    sampler = SamplerConfig(args.steps, args.guidance, shift, args.scheduler, args.drop_refs_uncond)
+    sampler = source.sample_defaults().sampler(shift, steps=args.steps, guidance=args.guidance,
+                                               scheduler=args.scheduler, drop_refs_uncond=args.drop_refs_uncond)
     return video, sampler
 
 

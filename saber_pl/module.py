@@ -307,7 +307,7 @@ class SaberModule(L.LightningModule):
     @torch.no_grad()
     def generate_validation_videos(self, batch: dict[str, Any], n: int) -> Tensor:
         """Sample videos for the first n validation samples from their references and prompts  # [n, 3, F, H, W]."""
-        from saber_pl.sampling import SamplerConfig, sample_latents
+        from saber_pl.sampling import sample_latents
 
         lg = self.cfg.logging
         sub = {k: (v[:n] if isinstance(v, (Tensor, list)) else v) for k, v in batch.items()}
@@ -319,7 +319,7 @@ class SaberModule(L.LightningModule):
             ref_lat, ref_cov = self.encode_references(sub["refs"], sub["ref_masks"], counts)
         shape = tuple(self.clip_latents(sub).shape)
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.trainer.seed)
-        cfg = SamplerConfig(steps=lg.val_sample_steps, guidance=lg.val_guidance, shift=self.cfg.flow.shift)
+        cfg = self.cfg.sample.sampler(self.cfg.flow.shift, steps=lg.val_sample_steps, guidance=lg.val_guidance)
         dit = self.dit_ema if self.dit_ema is not None else self.dit
         was_training = dit.training
         dit.eval()

@@ -47,6 +47,29 @@ class SamplerConfig:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
 
 
+@dataclass
+class SampleConfig:
+    """A run's sampling defaults (config section `sample`): what `generate`, the validation videos and
+    bench-mini use unless a flag overrides them. No shift here: a run samples at the `flow.shift` it trained with.
+
+    The paper's values (50 steps, CFG 5.0: Wan's) are the defaults; a scale may set its own, as mini sets CFG 1
+    (docs/bench_mini.md, ninth round: its small DiT follows the text without guidance, and CFG 5 overshoots).
+    """
+
+    steps: int = 50  # sampler steps
+    guidance: float = 5.0  # classifier-free guidance scale on the text (1.0 = no guidance)
+    scheduler: Literal["unipc", "euler"] = "unipc"
+
+    def __post_init__(self) -> None:
+        self.sampler(1.0)  # SamplerConfig's checks, naming the field
+
+    def sampler(self, shift: float, **overrides: object) -> SamplerConfig:
+        """These defaults at `shift`, each field replaced by a non-None override of the same name."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        fields = {"steps": self.steps, "guidance": self.guidance, "scheduler": self.scheduler} | given
+        return SamplerConfig(shift=shift, **fields)
+
+
 def make_scheduler(name: str, shift: float) -> FlowMatchEulerDiscreteScheduler | UniPCMultistepScheduler:
     """A fresh diffusers flow-matching scheduler with Wan's shift."""
     if name == "unipc":

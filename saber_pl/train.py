@@ -157,7 +157,8 @@ def log_validation_plan(cfg: ExperimentConfig, validate: bool) -> None:
         log.warning("validation off: data.val_shards is set but trainer.val_every_n_steps is null; set "
                     "trainer.val_every_n_steps=N to compute val/loss every N steps")
     else:
-        videos = (f"{lg.val_videos} sample video(s) ({lg.val_sample_steps} steps, CFG {lg.val_guidance})"
+        guidance = lg.val_guidance if lg.val_guidance is not None else cfg.sample.guidance
+        videos = (f"{lg.val_videos} sample video(s) ({lg.val_sample_steps} steps, CFG {guidance})"
                   if lg.val_videos else "no sample videos (logging.val_videos=0)")
         log.info("validation every %d steps: val/loss on %d batch(es) of %s, %s", t.val_every_n_steps,
                  t.limit_val_batches, cfg.data.val_shards, videos)

@@ -49,6 +49,8 @@ def test_report_and_metrics(bench: BenchConfig) -> None:
         assert len(r["per_case"]["reads_direction"]) == bench.cases and "reads_background" in r["metrics"]
         assert (out / f"{exp}-tiny" / "bench_grid.png").is_file()
     assert rows["saber_full"]["references_used"] and not rows["t2v_baseline"]["references_used"]
+    # without --guidance each run is scored at its own sample.guidance (tiny: 5.0) and the table says so
+    assert all(r["guidance"] == 5.0 for r in rows.values()) and "CFG 5.0 (each run's sample.guidance)" in table
     # A second run reuses the trained checkpoints and the scores (resumable) and gives the same numbers.
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*-tiny/*.json")}
     again = run(bench)

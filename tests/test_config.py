@@ -70,6 +70,8 @@ def test_paper_recipe_at_14B() -> None:
     assert t.devices * t.num_nodes * cfg.data.batch_size * t.accumulate_grad_batches == 64
     assert cfg.masks.fixed_ratio is None and cfg.augment.enabled and cfg.model.ref_attn_mask
     assert load_config("fixed_ratio", "14B").masks.fixed_ratio == 0.3
+    s = cfg.sample  # SABER.md: 50 steps, CFG 5.0 (Wan's)
+    assert (s.steps, s.guidance, s.scheduler) == (50, 5.0, "unipc")
 
 
 def test_overrides_and_errors() -> None:
@@ -83,6 +85,10 @@ def test_overrides_and_errors() -> None:
         load_config("saber_full", "tiny", ["data.batch_size=2.5"])
     with pytest.raises(ConfigError, match="trainer.strategy"):
         load_config("saber_full", "tiny", ["trainer.strategy=fsdp1"])
+    with pytest.raises(ConfigError, match="sample.*guidance must be >= 0"):
+        load_config("saber_full", "tiny", ["sample.guidance=-1"])
+    with pytest.raises(ConfigError, match="sample.scheduler"):
+        load_config("saber_full", "tiny", ["sample.scheduler=ddim"])
     with pytest.raises(ConfigError, match="unknown experiment 'nope'"):
         load_config("nope", "tiny")
     with pytest.raises(ConfigError, match="unknown scale 'huge'"):

@@ -1,5 +1,6 @@
 """Reference-to-video generation (saber_pl.generate) and the eval CLI glue, end to end at scale tiny."""
 
+import dataclasses
 import json
 import re
 import shutil
@@ -18,9 +19,10 @@ import saber_pl.wan as wan
 from saber_pl.config import load_config
 from saber_pl.eval.__main__ import main as eval_main
 from saber_pl.export import export
-from saber_pl.generate import Generator, VideoSpec, main, model_limits, resolve_checkpoint
+from saber_pl.generate import (Generator, VideoSpec, main, model_limits, parse_args, request_from_args,
+                               resolve_checkpoint)
 from saber_pl.references import Reference, ReferenceConfig, prepare_references
-from saber_pl.sampling import SamplerConfig, sample_latents
+from saber_pl.sampling import SampleConfig, SamplerConfig, sample_latents
 from saber_pl.train import fit
 
 FAST = ["--steps", "2"]
@@ -99,6 +101,22 @@ def test_cli_prompt_batch(run_dir, images, tmp_path):
         assert read_mp4(tmp_path / f"v_{i}.mp4")[0].shape == (9, 32, 32, 3)
     assert not (tmp_path / "v.mp4").exists()
     assert Image.open(tmp_path / "v_grid.png").size[1] == 4 * 34 + 2  # refs + one row per prompt
+
+
+def test_sampler_defaults_come_from_the_run_and_flags_override_them(run_dir, tmp_path):
+    """`generate` samples with the run's `sample` section (mini: CFG 1) unless a flag says otherwise; an
+    export carries the section, so it samples the same way."""
+    source = dataclasses.replace(resolve_checkpoint(run_dir), sample=SampleConfig(steps=7, guidance=1.0))
+    base = ["--ckpt", str(run_dir), "--prompt", "a cat"]
+    _, sampler = request_from_args(parse_args(base), source)
+    assert (sampler.steps, sampler.guidance, sampler.scheduler) == (7, 1.0, "unipc")
+    _, sampler = request_from_args(parse_args(base + ["--guidance", "3", "--steps", "4", "--scheduler", "euler"]), source)
+    assert (sampler.steps, sampler.guidance, sampler.scheduler) == (4, 3.0, "euler")
+    # the tiny run's own section: the paper's 50 steps and CFG 5 (tiny sets none)
+    run_source = resolve_checkpoint(run_dir)
+    assert run_source.sample == SampleConfig(steps=50, guidance=5.0)
+    assert resolve_checkpoint(export(run_dir, tmp_path / "exp")).sample == run_source.sample
+    assert load_config("saber_full", "mini").sample.guidance == 1.0
 
 
 def test_batch_matches_single_prompts(run_dir, images):

@@ -67,7 +67,7 @@ class BenchConfig:
     candidates: int = 8  # N for identity retrieval: own reference + N-1 distractors
     seed: int = 20261124  # seed of the test subjects (far from the training clip seeds)
     steps: int = 25  # sampler steps
-    guidance: float = 5.0  # CFG scale
+    guidance: float | None = None  # CFG scale; None: each run's sample.guidance (mini: 1.0)
     scheduler: str = "unipc"  # sampler: unipc | euler
     photo_size: int = 128  # side of the product-photo references
     train_overrides: list[str] = field(default_factory=list)  # extra key=value for every training run
@@ -183,7 +183,8 @@ def generate_videos(gen: Generator, run_dir: Path, cases: list[Case], cfg: Bench
     from saber_pl.sampling import SamplerConfig
 
     video = gen.defaults
-    sampler = SamplerConfig(steps=cfg.steps, guidance=cfg.guidance, shift=gen_shift(run_dir), scheduler=cfg.scheduler)
+    sampler = SamplerConfig(steps=cfg.steps, guidance=run_guidance(run_dir, cfg), shift=gen_shift(run_dir),
+                            scheduler=cfg.scheduler)
     refs, masks = case_references(cases, video.height, video.width)  # [N, 3, H, W], [N, 1, H, W]
     videos = []
     for i, case in enumerate(cases):
@@ -191,6 +192,13 @@ def generate_videos(gen: Generator, run_dir: Path, cases: list[Case], cfg: Bench
         out = gen.generate([case.prompt], r, m, video, sampler, seed=i, progress=False)[0]  # [3, F, H, W]
         videos.append(out.permute(1, 0, 2, 3))  # [F, 3, H, W], the metrics' layout
     return videos, refs, masks
+
+
+def run_guidance(run_dir: Path, cfg: BenchConfig) -> float:
+    """The CFG scale a run is scored at: the bench's --guidance, else the run's own sample.guidance."""
+    from saber_pl.export import load_run_config
+
+    return cfg.guidance if cfg.guidance is not None else load_run_config(run_dir).sample.guidance
 
 
 def gen_shift(run_dir: Path) -> float:
@@ -331,7 +339,7 @@ def evaluate(exp: str, cases: list[Case], cfg: BenchConfig, real_range: dict[str
 
     run_dir = Path(cfg.out) / f"{exp}-{cfg.scale}"
     out = run_dir / "bench.json"
-    settings = eval_settings(cfg)
+    settings = eval_settings(cfg) | {"guidance": run_guidance(run_dir, cfg)}
     if out.is_file() and out.stat().st_mtime >= (run_dir / "train_done.json").stat().st_mtime:
         old = json.loads(out.read_text())
         if old.get("settings") == settings:  # same run, same cases and sampler: reuse
@@ -345,7 +353,8 @@ def evaluate(exp: str, cases: list[Case], cfg: BenchConfig, real_range: dict[str
     values = with_frames_ok(per_case(videos, refs, masks, cases, cfg.candidates), real_range)
     clips = torch.stack(real_videos(len(cases), cfg.seed, data.num_frames, data.fps, data.height, data.width))
     values |= reading_per_case(gen, clips.permute(0, 2, 1, 3, 4), cases)  # [N, 3, F, H, W]
-    result = {"metrics": summarise(values, cfg), "per_case": values, "references_used": use_refs}
+    result = {"metrics": summarise(values, cfg), "per_case": values, "references_used": use_refs,
+              "guidance": settings["guidance"]}
     save_grid(run_dir / "bench_grid.png", videos, refs, cfg.grid_cases)
     out.write_text(json.dumps(result | {"settings": settings}, indent=1))
     return result
@@ -385,6 +394,14 @@ def _cell(m: dict[str, float] | None) -> str:
     return f"{m['mean']:.{digits}f} [{m['lo']:.{digits}f}, {m['hi']:.{digits}f}]"
 
 
+def _guidance_note(rows: dict[str, dict], cfg: BenchConfig) -> str:
+    """The CFG scale(s) the rows were scored at: one value, or each run's."""
+    if cfg.guidance is not None:
+        return f"{cfg.guidance}"
+    used = sorted({r["guidance"] for r in rows.values() if "guidance" in r})
+    return f"{used[0]} (each run's sample.guidance)" if len(used) == 1 else f"each run's sample.guidance ({used})"
+
+
 def results_table(rows: dict[str, dict], cfg: BenchConfig, real: dict | None = None) -> str:
     """Markdown table, one row per experiment (the shape of the paper's ablation table), each figure with
     its bootstrap 95 % interval over the cases; the first row scores the cases' real clips."""
@@ -397,7 +414,7 @@ def results_table(rows: dict[str, dict], cfg: BenchConfig, real: dict | None = N
         lines.append(f"| {exp} | " + " | ".join(cells + extra) + " |")
     notes = [f"{cfg.cases} unseen test subjects (product photos), one video each; mean [95 % bootstrap interval, "
              f"{cfg.bootstraps} resamples of the cases]. Identity: N = {cfg.candidates} candidates (chance "
-             f"{1.0 / cfg.candidates:.3f}). Sampler: {cfg.scheduler}, {cfg.steps} steps, CFG {cfg.guidance}."]
+             f"{1.0 / cfg.candidates:.3f}). Sampler: {cfg.scheduler}, {cfg.steps} steps, CFG {_guidance_note(rows, cfg)}."]
     if real:
         rs, rf = real["range"]["sharpness"], real["range"]["flicker"]
         notes.append(f"Real clips' range: sharpness {rs[0]:.3f}-{rs[1]:.3f}, flicker {rf[0]:.4f}-{rf[1]:.4f}.")
