@@ -130,3 +130,21 @@ def test_frame_range_ignores_real_clips_whose_subject_was_missed() -> None:
     assert ok["frames_ok"] == [1.0, 0.0]  # a video flickering 20x more than real ones is not "as real"
     with pytest.raises(ValueError, match="no real clip"):
         frame_range({"subject": [0.0], "sharpness": [0.1], "flicker": [0.1]})
+
+
+def test_a_run_cut_by_the_time_cap_is_not_scored_and_a_rerun_finishes_it(tmp_path: Path) -> None:
+    """A benchmark row is the whole schedule: a training stopped by trainer.max_time_minutes (a busy machine)
+    raises instead of being scored, and the same call with room to finish resumes it to its last step."""
+    from saber_pl.eval.mini import TrainingCut, train
+
+    base = ["trainer.max_steps=3", "trainer.ckpt_every_n_steps=1000"]
+    cut = BenchConfig(out=str(tmp_path), scale="tiny", experiments=["t2v_baseline"],
+                      train_overrides=[*base, "trainer.max_time_minutes=0.0001"])
+    with pytest.raises(TrainingCut, match=r"stopped at step [12] of 3"):
+        train("t2v_baseline", cut)
+    run_dir = tmp_path / "t2v_baseline-tiny"
+    assert not (run_dir / "train_done.json").exists()
+    first = json.loads((run_dir / "train_partial.json").read_text())["train_minutes"]
+    info = train("t2v_baseline", dataclasses.replace(cut, train_overrides=base))
+    assert info["steps"] == 3 and info["train_minutes"] > first
+    assert (run_dir / "train_done.json").is_file() and not (run_dir / "train_partial.json").exists()

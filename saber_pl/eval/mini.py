@@ -149,6 +149,10 @@ def real_videos(n: int, seed: int, frames: int, fps: float, height: int, width: 
 # ----------------------------------------------------------------------------------------------- training
 
 
+class TrainingCut(RuntimeError):
+    """A benchmark run stopped before its last step (the time cap): not scored until it is finished."""
+
+
 def train(exp: str, cfg: BenchConfig) -> dict:
     """Train one experiment in a subprocess (resumable: a finished run is not trained again)."""
     from saber_pl.train import resume_step
@@ -160,15 +164,26 @@ def train(exp: str, cfg: BenchConfig) -> dict:
     cmd = [sys.executable, "-m", "saber_pl.train", "--exp", exp, "--scale", cfg.scale,
            f"logging.runs_dir={cfg.out}", *cfg.train_overrides]
     log.info("training %s: %s", exp, " ".join(cmd))
+    partial = run_dir / "train_partial.json"  # wall time of earlier, cut attempts (a resumed run adds to it)
+    before = json.loads(partial.read_text())["train_minutes"] if partial.is_file() else 0.0
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
-    minutes = (time.perf_counter() - t0) / 60
+    minutes = before + (time.perf_counter() - t0) / 60
     from saber_pl.export import load_run_config
 
     run_cfg = load_run_config(run_dir)
     steps = resume_step(run_dir / "checkpoints" / "last.ckpt")
     info = {"experiment": exp, "train_minutes": round(minutes, 2), "steps": steps,
             "samples_per_s": round(steps * run_cfg.data.batch_size / max(minutes * 60, 1e-9), 2)}
+    if run_cfg.trainer.max_steps is not None and steps < run_cfg.trainer.max_steps:
+        # a run cut short (the time cap) is not the experiment: never score it as a row
+        partial.write_text(json.dumps(info))
+        raise TrainingCut(
+            f"{exp}: training stopped at step {steps} of {run_cfg.trainer.max_steps} (trainer.max_time_minutes="
+            f"{run_cfg.trainer.max_time_minutes}), so it is not scored. Run the same command again to continue "
+            f"from {run_dir / 'checkpoints' / 'last.ckpt'}, or raise the cap (trainer.max_time_minutes=30); "
+            f"a slow or shared machine is the usual cause (two trainings at once on 2 cores run ~6x slower)")
+    partial.unlink(missing_ok=True)
     done.write_text(json.dumps(info))
     return info
 
@@ -459,7 +474,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(run(cfg))
+    try:
+        print(run(cfg))
+    except TrainingCut as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
