@@ -148,3 +148,13 @@ def test_a_run_cut_by_the_time_cap_is_not_scored_and_a_rerun_finishes_it(tmp_pat
     info = train("t2v_baseline", dataclasses.replace(cut, train_overrides=base))
     assert info["steps"] == 3 and info["train_minutes"] > first
     assert (run_dir / "train_done.json").is_file() and not (run_dir / "train_partial.json").exists()
+
+
+def test_bad_sampler_settings_stop_the_bench_before_any_training(tmp_path: Path, capsys) -> None:
+    """--guidance -2 used to train a whole run first and then fail with a traceback while scoring it."""
+    from saber_pl.eval.mini import main
+
+    assert main(["--out", str(tmp_path), "--guidance", "-2"]) == 2
+    assert "guidance must be >= 0" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path), "--steps", "0"]) == 2
+    assert not any(tmp_path.iterdir())  # nothing trained, nothing written

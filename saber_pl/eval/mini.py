@@ -82,6 +82,11 @@ class BenchConfig:
         unknown = sorted(set(self.experiments) - set(EXPERIMENTS) - {"r2v_triplets"})
         if unknown:
             raise ValueError(f"experiments: unknown {unknown}")
+        # the sampler's own checks, before any run is trained (a bad --guidance found after training wastes it)
+        from saber_pl.sampling import SamplerConfig
+
+        SamplerConfig(steps=self.steps, guidance=1.0 if self.guidance is None else self.guidance,
+                      scheduler=self.scheduler)
 
 
 @dataclass
