@@ -158,3 +158,29 @@ def test_bad_sampler_settings_stop_the_bench_before_any_training(tmp_path: Path,
     assert "guidance must be >= 0" in capsys.readouterr().err
     assert main(["--out", str(tmp_path), "--steps", "0"]) == 2
     assert not any(tmp_path.iterdir())  # nothing trained, nothing written
+
+
+def test_clip_scale_references_show_the_subject_at_its_size_in_the_clip(tmp_path: Path) -> None:
+    """--reference-scale clip: each prepared photo shrunk so its subject covers what it covers in its clip
+    (the photo shows it 1.6-2.2x larger); gray around it; the default stays the inference path."""
+    import numpy as np
+
+    from saber_pl import synthetic
+    from saber_pl.eval.mini import case_references, case_spec
+
+    cases = make_cases(tmp_path / "cases", 4, 7)
+    photo_refs, photo_masks = case_references(cases, 32, 32)
+    refs, masks = case_references(cases, 32, 32, "clip")
+    assert refs.shape == photo_refs.shape and masks.shape == photo_masks.shape
+    for i, case in enumerate(cases):
+        spec, scale, angle = case_spec(i, 7)
+        assert case.photo_scale == scale and 1.6 <= scale <= 2.2
+        _, clip_mask = synthetic.render_subject(spec.subjects[0], 32, 32, scale=1.0, angle=angle)
+        area, clip_area, photo_area = masks[i].sum().item(), float(clip_mask.sum()), photo_masks[i].sum().item()
+        assert photo_area > 2.0 * clip_area  # the photo protocol: a much larger subject than in the clip
+        assert abs(area - clip_area) <= 0.25 * clip_area, (area, clip_area)
+        ys, xs = np.nonzero(masks[i, 0].numpy())
+        assert abs(ys.mean() - 15.5) < 3 and abs(xs.mean() - 15.5) < 3  # still centred
+        assert torch.all(refs[i][:, masks[i, 0] == 0] == 0)  # gray outside the subject
+    with pytest.raises(ValueError, match="reference_scale"):
+        BenchConfig(reference_scale="tiny")

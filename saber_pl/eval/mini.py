@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from saber_pl import synthetic
@@ -54,6 +55,7 @@ EXPERIMENTS = ["saber_full", "t2v_baseline", "no_mask_aug", "ellipse_only", "fou
                "fixed_ratio", "no_attn_mask"]
 MOTIONS = ["slide_left", "slide_right", "slide_up", "slide_down"]
 BACKGROUNDS = ["plain", "stripes", "gradient", "checker"]  # the cases cycle through motion x background
+REFERENCE_SCALES = ("photo", "clip")  # BenchConfig.reference_scale
 
 
 @dataclass
@@ -70,6 +72,10 @@ class BenchConfig:
     guidance: float | None = None  # CFG scale; None: each run's sample.guidance (mini: 1.0)
     scheduler: str = "unipc"  # sampler: unipc | euler
     photo_size: int = 128  # side of the product-photo references
+    # how the references are sized: "photo" = the inference path (the photo fitted to the frame, so the subject
+    # shows at 1.6-2.2x its size in the clip); "clip" = that reference shrunk about its centre to the subject's
+    # size in its clip, a diagnostic that separates "does not generalise over scale" from "does not carry identity"
+    reference_scale: str = "photo"
     train_overrides: list[str] = field(default_factory=list)  # extra key=value for every training run
     grid_cases: int = 8  # cases shown in each experiment's PNG grid
     bootstraps: int = 1000  # resamples of the cases for the 95 % intervals
@@ -77,6 +83,8 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.bootstraps < 10:
             raise ValueError(f"bootstraps must be >= 10, got {self.bootstraps}")
+        if self.reference_scale not in REFERENCE_SCALES:
+            raise ValueError(f"reference_scale must be one of {REFERENCE_SCALES}, got {self.reference_scale!r}")
         if not 2 <= self.candidates <= self.cases:
             raise ValueError(f"candidates must be in [2, cases={self.cases}], got {self.candidates}")
         unknown = sorted(set(self.experiments) - set(EXPERIMENTS) - {"r2v_triplets"})
@@ -98,6 +106,7 @@ class Case:
     ref_path: str
     motion: str
     background: str = ""
+    photo_scale: float = 1.0  # the subject's size in the photo / its size in the clip (case_spec: 1.6-2.2)
 
 
 # ----------------------------------------------------------------------------------------------- cases
@@ -132,7 +141,7 @@ def make_cases(out_dir: Path, n: int, seed: int, photo_size: int = 128) -> list[
         rgba = np.concatenate([image, (mask * 255).astype(np.uint8)[..., None]], axis=-1)
         path = out_dir / f"case{i:03d}.png"
         Image.fromarray(rgba, "RGBA").save(path)
-        cases.append(Case(f"case{i:03d}", spec.caption, str(path), spec.motions[0].kind, spec.background.kind))
+        cases.append(Case(f"case{i:03d}", spec.caption, str(path), spec.motions[0].kind, spec.background.kind, scale))
     (out_dir / "cases.json").write_text(json.dumps([dataclasses.asdict(c) for c in cases], indent=1))
     return cases
 
@@ -205,7 +214,7 @@ def generate_videos(gen: Generator, run_dir: Path, cases: list[Case], cfg: Bench
     video = gen.defaults
     sampler = SamplerConfig(steps=cfg.steps, guidance=run_guidance(run_dir, cfg), shift=gen_shift(run_dir),
                             scheduler=cfg.scheduler)
-    refs, masks = case_references(cases, video.height, video.width)  # [N, 3, H, W], [N, 1, H, W]
+    refs, masks = case_references(cases, video.height, video.width, cfg.reference_scale)  # [N, 3, H, W], [N, 1, H, W]
     videos = []
     for i, case in enumerate(cases):
         r, m = (refs[i:i + 1], masks[i:i + 1]) if use_refs else (None, None)
@@ -345,12 +354,39 @@ def save_grid(path: Path, videos: list[torch.Tensor], refs: torch.Tensor, n: int
     Image.fromarray(arr).resize((arr.shape[1] * 2, arr.shape[0] * 2), Image.NEAREST).save(path)
 
 
-def case_references(cases: list[Case], height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cases' photos prepared by the inference path (segment, gray fill, fit)  # [N, 3, H, W], [N, 1, H, W]."""
+def case_references(cases: list[Case], height: int, width: int, reference_scale: str = "photo"
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cases' photos prepared by the inference path (segment, gray fill, fit)  # [N, 3, H, W], [N, 1, H, W].
+
+    reference_scale="clip" then shrinks each about the frame's centre by 1 / photo_scale, so its subject
+    shows at the size it has in the case's clip (`BenchConfig.reference_scale`)."""
     from saber_pl.references import ReferenceConfig, prepare_references
 
-    return prepare_references([c.ref_path for c in cases], ReferenceConfig(height=height, width=width,
-                                                                           max_references=len(cases)))
+    refs, masks = prepare_references([c.ref_path for c in cases], ReferenceConfig(height=height, width=width,
+                                                                                  max_references=len(cases)))
+    if reference_scale == "photo":
+        return refs, masks
+    if reference_scale != "clip":
+        raise ValueError(f"reference_scale must be one of {REFERENCE_SCALES}, got {reference_scale!r}")
+    pairs = [shrink_about_centre(refs[i], masks[i], 1.0 / c.photo_scale) for i, c in enumerate(cases)]
+    return torch.stack([r for r, _ in pairs]), torch.stack([m for _, m in pairs])
+
+
+def shrink_about_centre(ref: torch.Tensor, mask: torch.Tensor, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prepared reference scaled by `factor` <= 1 about the frame's centre, gray around it.
+
+    ref float [3, H, W] in [-1, 1] (0 = gray), mask float {0, 1} [1, H, W] -> the same shapes."""
+    if not 0.0 < factor <= 1.0:
+        raise ValueError(f"factor must be in (0, 1], got {factor}")
+    _, h, w = ref.shape
+    nh, nw = max(1, round(h * factor)), max(1, round(w * factor))
+    small = F.interpolate(ref[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)[0]
+    m = (F.interpolate(mask[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)[0] > 0.5).float()
+    top, left = (h - nh) // 2, (w - nw) // 2
+    out_ref, out_mask = torch.zeros_like(ref), torch.zeros_like(mask)
+    out_ref[:, top:top + nh, left:left + nw] = small * m  # gray (0) outside the shrunk mask
+    out_mask[:, top:top + nh, left:left + nw] = m
+    return out_ref, out_mask
 
 
 def evaluate(exp: str, cases: list[Case], cfg: BenchConfig, real_range: dict[str, tuple[float, float]]) -> dict:
@@ -358,7 +394,7 @@ def evaluate(exp: str, cases: list[Case], cfg: BenchConfig, real_range: dict[str
     from saber_pl.export import load_run_config
 
     run_dir = Path(cfg.out) / f"{exp}-{cfg.scale}"
-    out = run_dir / "bench.json"
+    out = run_dir / f"bench{_suffix(cfg)}.json"
     settings = eval_settings(cfg) | {"guidance": run_guidance(run_dir, cfg)}
     if out.is_file() and out.stat().st_mtime >= (run_dir / "train_done.json").stat().st_mtime:
         old = json.loads(out.read_text())
@@ -375,7 +411,7 @@ def evaluate(exp: str, cases: list[Case], cfg: BenchConfig, real_range: dict[str
     values |= reading_per_case(gen, clips.permute(0, 2, 1, 3, 4), cases)  # [N, 3, F, H, W]
     result = {"metrics": summarise(values, cfg), "per_case": values, "references_used": use_refs,
               "guidance": settings["guidance"]}
-    save_grid(run_dir / "bench_grid.png", videos, refs, cfg.grid_cases)
+    save_grid(run_dir / f"bench_grid{_suffix(cfg)}.png", videos, refs, cfg.grid_cases)
     out.write_text(json.dumps(result | {"settings": settings}, indent=1))
     return result
 
@@ -387,17 +423,23 @@ def real_row(cases: list[Case], cfg: BenchConfig, exp: str) -> dict:
 
     data = load_run_config(Path(cfg.out) / f"{exp}-{cfg.scale}").data
     videos = real_videos(len(cases), cfg.seed, data.num_frames, data.fps, data.height, data.width)
-    refs, masks = case_references(cases, data.height, data.width)
+    refs, masks = case_references(cases, data.height, data.width, cfg.reference_scale)
     values = per_case(videos, refs, masks, cases, cfg.candidates)
     real_range = frame_range(values)
     values = with_frames_ok(values, real_range)
-    save_grid(Path(cfg.out) / "real_grid.png", videos, refs, cfg.grid_cases)
+    save_grid(Path(cfg.out) / f"real_grid{_suffix(cfg)}.png", videos, refs, cfg.grid_cases)
     return {"metrics": summarise(values, cfg), "range": real_range}
+
+
+def _suffix(cfg: BenchConfig) -> str:
+    """File-name suffix of a diagnostic protocol, so it never overwrites the benchmark's own files."""
+    return "" if cfg.reference_scale == "photo" else f"_{cfg.reference_scale}"
 
 
 def eval_settings(cfg: BenchConfig) -> dict:
     """What a stored bench.json depends on besides the run itself."""
-    keys = ("cases", "candidates", "seed", "steps", "guidance", "scheduler", "photo_size", "bootstraps")
+    keys = ("cases", "candidates", "seed", "steps", "guidance", "scheduler", "photo_size", "bootstraps",
+            "reference_scale")
     return {k: getattr(cfg, k) for k in keys} | {"metrics_version": METRICS_VERSION}
 
 
@@ -434,7 +476,11 @@ def results_table(rows: dict[str, dict], cfg: BenchConfig, real: dict | None = N
         lines.append(f"| {exp} | " + " | ".join(cells + extra) + " |")
     notes = [f"{cfg.cases} unseen test subjects (product photos), one video each; mean [95 % bootstrap interval, "
              f"{cfg.bootstraps} resamples of the cases]. Identity: N = {cfg.candidates} candidates (chance "
-             f"{1.0 / cfg.candidates:.3f}). Sampler: {cfg.scheduler}, {cfg.steps} steps, CFG {_guidance_note(rows, cfg)}."]
+             f"{1.0 / cfg.candidates:.3f}). Sampler: {cfg.scheduler}, {cfg.steps} steps, CFG {_guidance_note(rows, cfg)}.",
+             "References: " + ("each photo prepared by the inference path (fitted to the frame: the subject at "
+                               "1.6-2.2x its size in the clip)." if cfg.reference_scale == "photo" else
+                               "each prepared photo shrunk to the subject's size in its clip (diagnostic, "
+                               "--reference-scale clip).")]
     if real:
         rs, rf = real["range"]["sharpness"], real["range"]["flicker"]
         notes.append(f"Real clips' range: sharpness {rs[0]:.3f}-{rs[1]:.3f}, flicker {rf[0]:.4f}-{rf[1]:.4f}.")
@@ -453,9 +499,9 @@ def run(cfg: BenchConfig) -> Path:
         real = real or real_row(cases, cfg, exp)
         rows[exp] = evaluate(exp, cases, cfg, real["range"]) | info
         log.info("%s: %s", exp, {k: _cell(v) for k, v in rows[exp]["metrics"].items()})
-        (out / "results.md").write_text(results_table(rows, cfg, real))
-    (out / "results.json").write_text(json.dumps({"real clips": real} | rows, indent=1))
-    return out / "results.md"
+        (out / f"results{_suffix(cfg)}.md").write_text(results_table(rows, cfg, real))
+    (out / f"results{_suffix(cfg)}.json").write_text(json.dumps({"real clips": real} | rows, indent=1))
+    return out / f"results{_suffix(cfg)}.md"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -470,12 +516,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, default=BenchConfig.guidance)
     p.add_argument("--scheduler", default=BenchConfig.scheduler, choices=["unipc", "euler"])
     p.add_argument("--bootstraps", type=int, default=BenchConfig.bootstraps)
+    p.add_argument("--reference-scale", default=BenchConfig.reference_scale,
+                   help="photo: the inference path (the photo fitted to the frame); clip: shrunk to the subject's "
+                        "size in its clip (a diagnostic of scale generalisation)")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every training run")
     a = p.parse_args(argv)
     try:
         cfg = BenchConfig(out=a.out, scale=a.scale, experiments=[e for e in a.experiments.split(",") if e],
                           cases=a.cases, candidates=a.candidates, steps=a.steps, guidance=a.guidance, scheduler=a.scheduler,
-                          bootstraps=a.bootstraps, train_overrides=a.overrides)
+                          bootstraps=a.bootstraps, reference_scale=a.reference_scale, train_overrides=a.overrides)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
