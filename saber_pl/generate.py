@@ -533,6 +533,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="default: the run's sample.steps (50, the paper's)")
     p.add_argument("--guidance", type=float, default=None,
                    help="CFG scale on the text (1 = off); default: the run's sample.guidance (5.0, Wan's; mini: 1.0)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="guide only the steps at noise levels t in [LO, HI]; default: the run's sample.guidance_interval "
+                        "(0 1: every step)")
     p.add_argument("--shift", type=float, default=None,
                    help="flow shift; default: the run's flow.shift (what it trained with; 5.0, Wan's, for an export)")
     p.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="default: the run's sample.scheduler (unipc)")
@@ -561,8 +564,10 @@ def request_from_args(args: argparse.Namespace, source: CheckpointSource) -> tup
     d = source.video_defaults()
     video = VideoSpec(args.height or d.height, args.width or d.width, args.frames or d.frames, args.fps or d.fps)
     shift = args.shift if args.shift is not None else default_shift(source)
+    interval = tuple(args.guidance_interval) if getattr(args, "guidance_interval", None) else None
     sampler = source.sample_defaults().sampler(shift, steps=args.steps, guidance=args.guidance,
-                                               scheduler=args.scheduler, drop_refs_uncond=args.drop_refs_uncond)
+                                               scheduler=args.scheduler, drop_refs_uncond=args.drop_refs_uncond,
+                                               guidance_interval=interval)
     return video, sampler
 
 

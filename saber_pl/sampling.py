@@ -33,6 +33,11 @@ class SamplerConfig:
     guidance: float = 5.0  # classifier-free guidance scale on the text (1.0 = no guidance)
     shift: float = 5.0  # Wan's flow shift
     scheduler: Literal["unipc", "euler"] = "unipc"
+    # guide only the steps whose noise level t (timestep / 1000, after the shift) lies in [lo, hi]; the others
+    # take the conditional velocity alone (one pass). (0, 1) = every step (Wan). Kynkäänniemi et al. 2024
+    # ("Applying guidance in a limited interval"): guidance at high noise drives the layout off the data,
+    # at low noise it changes little.
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
     drop_refs_uncond: bool = False  # also drop the references in the unconditional branch
     split_passes: bool = True  # one b=1 DiT pass per sample and branch (less memory), else one packed batch
 
@@ -45,6 +50,23 @@ class SamplerConfig:
             raise ValueError(f"shift must be > 0, got {self.shift}")
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
+        self.guidance_interval = check_interval(self.guidance_interval)
+
+    def guides(self, timestep: float) -> bool:
+        """Whether the step at `timestep` (in [0, 1000]) runs the unconditional branch too."""
+        lo, hi = self.guidance_interval
+        return self.guidance != 1.0 and lo <= timestep / 1000.0 <= hi
+
+
+def check_interval(interval: object) -> tuple[float, float]:
+    """A guidance interval as (lo, hi) with 0 <= lo <= hi <= 1, else ValueError."""
+    try:
+        lo, hi = (float(v) for v in interval)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance_interval must be [lo, hi], got {interval!r}") from None
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"guidance_interval must satisfy 0 <= lo <= hi <= 1, got {[lo, hi]}")
+    return lo, hi
 
 
 @dataclass
@@ -59,14 +81,17 @@ class SampleConfig:
     steps: int = 50  # sampler steps
     guidance: float = 5.0  # classifier-free guidance scale on the text (1.0 = no guidance)
     scheduler: Literal["unipc", "euler"] = "unipc"
+    guidance_interval: tuple[float, float] = (0.0, 1.0)  # noise levels t that are guided (SamplerConfig)
 
     def __post_init__(self) -> None:
+        self.guidance_interval = tuple(self.guidance_interval)  # type: ignore[assignment]  (YAML gives a list)
         self.sampler(1.0)  # SamplerConfig's checks, naming the field
 
     def sampler(self, shift: float, **overrides: object) -> SamplerConfig:
         """These defaults at `shift`, each field replaced by a non-None override of the same name."""
         given = {k: v for k, v in overrides.items() if v is not None}
-        fields = {"steps": self.steps, "guidance": self.guidance, "scheduler": self.scheduler} | given
+        fields = {"steps": self.steps, "guidance": self.guidance, "scheduler": self.scheduler,
+                  "guidance_interval": self.guidance_interval} | given
         return SamplerConfig(shift=shift, **fields)
 
 
@@ -116,18 +141,20 @@ def sample_latents(dit: torch.nn.Module, shape: tuple[int, ...], text_emb: Tenso
         latents = noise.to(device=device, dtype=torch.float32)
     scheduler = make_scheduler(cfg.scheduler, cfg.shift)
     scheduler.set_timesteps(cfg.steps, device=device)
-    guided = neg_emb is not None and cfg.guidance != 1.0
-    text, refs, cov, counts = text_emb, ref_latents, ref_coverage, ref_counts
-    if guided:
-        text = torch.cat([text_emb, neg_emb])
+    can_guide = neg_emb is not None and cfg.guidance != 1.0
+    cond_inputs = (text_emb, ref_latents, ref_coverage, ref_counts)
+    both_inputs = cond_inputs
+    if can_guide:
+        both_inputs = (torch.cat([text_emb, neg_emb]), None, None, None)
         if ref_latents is not None:
-            refs = torch.cat([ref_latents, ref_latents])
-            cov = torch.cat([ref_coverage, ref_coverage])
-            counts = torch.cat([ref_counts, torch.zeros_like(ref_counts) if cfg.drop_refs_uncond else ref_counts])
+            uncond_counts = torch.zeros_like(ref_counts) if cfg.drop_refs_uncond else ref_counts
+            both_inputs = (both_inputs[0], torch.cat([ref_latents, ref_latents]),
+                           torch.cat([ref_coverage, ref_coverage]), torch.cat([ref_counts, uncond_counts]))
     for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
+        guided = can_guide and cfg.guides(float(t))
         x = torch.cat([latents, latents]) if guided else latents
         tt = t.expand(x.shape[0]).to(device=device, dtype=torch.float32)
-        v = velocity(dit, x.to(dtype), tt, text, refs, cov, counts, cfg.split_passes)
+        v = velocity(dit, x.to(dtype), tt, *(both_inputs if guided else cond_inputs), cfg.split_passes)
         if guided:
             cond, uncond = v.chunk(2)
             v = uncond + cfg.guidance * (cond - uncond)

@@ -112,6 +112,11 @@ def test_sampler_defaults_come_from_the_run_and_flags_override_them(run_dir, tmp
     assert (sampler.steps, sampler.guidance, sampler.scheduler) == (7, 1.0, "unipc")
     _, sampler = request_from_args(parse_args(base + ["--guidance", "3", "--steps", "4", "--scheduler", "euler"]), source)
     assert (sampler.steps, sampler.guidance, sampler.scheduler) == (4, 3.0, "euler")
+    assert sampler.guidance_interval == (0.0, 1.0)  # every step guided unless the run or a flag says otherwise
+    source = dataclasses.replace(source, sample=SampleConfig(guidance=3.0, guidance_interval=[0.1, 0.9]))
+    assert request_from_args(parse_args(base), source)[1].guidance_interval == (0.1, 0.9)
+    _, sampler = request_from_args(parse_args(base + ["--guidance-interval", "0.2", "0.8"]), source)
+    assert sampler.guidance_interval == (0.2, 0.8)
     # the tiny run's own section: the paper's 50 steps and CFG 5 (tiny sets none)
     run_source = resolve_checkpoint(run_dir)
     assert run_source.sample == SampleConfig(steps=50, guidance=5.0)
@@ -289,6 +294,48 @@ def test_sampler_lands_on_the_oracle_target_with_cfg(scheduler):
         sample_latents(OracleDiT(), shape, text, neg, None, None, None, SamplerConfig(steps=1), noise=noise[:1])
     with pytest.raises(ValueError, match="scheduler"):
         SamplerConfig(scheduler="ddim")
+
+
+def test_guidance_interval_guides_only_the_steps_at_those_noise_levels():
+    """sample.guidance_interval: the unconditional pass runs only where t is in [lo, hi]; the rest is the
+    conditional velocity alone, so an interval that holds no step gives exactly the unguided video."""
+
+    class Recorder(OracleDiT):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[tuple[int, float]] = []  # (batch, t / 1000) per DiT pass
+
+        def forward(self, x, t, text, refs, cov, counts):
+            self.calls.append((x.shape[0], float(t[0]) / 1000.0))
+            return super().forward(x, t, text, refs, cov, counts)
+
+    shape = (1, 4, 2, 4, 4)
+    text, neg, noise = torch.ones(1, 3, 8), torch.full((1, 3, 8), 0.2), torch.randn(shape)
+
+    def run(**kw):
+        dit = Recorder()
+        cfg = SamplerConfig(steps=8, shift=1.0, scheduler="euler", split_passes=False, **kw)
+        return sample_latents(dit, shape, text, neg, None, None, None, cfg, progress=False, noise=noise), dit.calls
+
+    unguided, calls = run(guidance=1.0)
+    assert all(b == 1 for b, _ in calls)
+    full, calls = run(guidance=4.0)
+    assert all(b == 2 for b, _ in calls)
+    torch.testing.assert_close(full, run(guidance=4.0, guidance_interval=(0.0, 1.0))[0], atol=0, rtol=0)
+    mid, calls = run(guidance=4.0, guidance_interval=(0.3, 0.7))
+    assert {round(t, 3) for b, t in calls if b == 2} == {round(t, 3) for _, t in calls if 0.3 <= t <= 0.7}
+    assert 0 < sum(b == 2 for b, _ in calls) < len(calls)
+    # the oracle's last Euler step lands on its target: the guided one (0.2 + 4 (1 - 0.2)) only if that step is guided
+    torch.testing.assert_close(mid, torch.ones(shape), atol=1e-4, rtol=0)
+    low, _ = run(guidance=4.0, guidance_interval=(0.0, 0.5))
+    torch.testing.assert_close(low, torch.full(shape, 0.2 + 4.0 * 0.8), atol=1e-4, rtol=0)
+    torch.testing.assert_close(full, low, atol=1e-4, rtol=0)
+    none, _ = run(guidance=4.0, guidance_interval=(0.01, 0.02))  # 8 Euler steps: no t there
+    torch.testing.assert_close(none, unguided, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="guidance_interval must satisfy"):
+        SamplerConfig(guidance_interval=(0.8, 0.2))
+    with pytest.raises(ValueError, match="guidance_interval must be"):
+        SamplerConfig(guidance_interval=(0.5,))
 
 
 # --- eval glue ---------------------------------------------------------------------------------------

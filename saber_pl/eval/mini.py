@@ -70,6 +70,7 @@ class BenchConfig:
     seed: int = 20261124  # seed of the test subjects (far from the training clip seeds)
     steps: int = 25  # sampler steps
     guidance: float | None = None  # CFG scale; None: each run's sample.guidance (mini: 1.0)
+    guidance_interval: tuple[float, float] | None = None  # guided noise levels; None: each run's sample's
     scheduler: str = "unipc"  # sampler: unipc | euler
     photo_size: int = 128  # side of the product-photo references
     # how the references are sized: "photo" = the inference path (the photo fitted to the frame, so the subject
@@ -94,7 +95,9 @@ class BenchConfig:
         from saber_pl.sampling import SamplerConfig
 
         SamplerConfig(steps=self.steps, guidance=1.0 if self.guidance is None else self.guidance,
-                      scheduler=self.scheduler)
+                      scheduler=self.scheduler, guidance_interval=self.guidance_interval or (0.0, 1.0))
+        if self.guidance_interval is not None:
+            self.guidance_interval = tuple(float(v) for v in self.guidance_interval)  # type: ignore[assignment]
 
 
 @dataclass
@@ -213,7 +216,7 @@ def generate_videos(gen: Generator, run_dir: Path, cases: list[Case], cfg: Bench
 
     video = gen.defaults
     sampler = SamplerConfig(steps=cfg.steps, guidance=run_guidance(run_dir, cfg), shift=gen_shift(run_dir),
-                            scheduler=cfg.scheduler)
+                            scheduler=cfg.scheduler, guidance_interval=run_interval(run_dir, cfg))
     refs, masks = case_references(cases, video.height, video.width, cfg.reference_scale)  # [N, 3, H, W], [N, 1, H, W]
     videos = []
     for i, case in enumerate(cases):
@@ -228,6 +231,15 @@ def run_guidance(run_dir: Path, cfg: BenchConfig) -> float:
     from saber_pl.export import load_run_config
 
     return cfg.guidance if cfg.guidance is not None else load_run_config(run_dir).sample.guidance
+
+
+def run_interval(run_dir: Path, cfg: BenchConfig) -> tuple[float, float]:
+    """The guided noise levels: the bench's --guidance-interval, else the run's own sample.guidance_interval."""
+    from saber_pl.export import load_run_config
+
+    if cfg.guidance_interval is not None:
+        return tuple(cfg.guidance_interval)  # type: ignore[return-value]
+    return tuple(load_run_config(run_dir).sample.guidance_interval)  # type: ignore[return-value]
 
 
 def gen_shift(run_dir: Path) -> float:
@@ -395,7 +407,8 @@ def evaluate(exp: str, cases: list[Case], cfg: BenchConfig, real_range: dict[str
 
     run_dir = Path(cfg.out) / f"{exp}-{cfg.scale}"
     out = run_dir / f"bench{_suffix(cfg)}.json"
-    settings = eval_settings(cfg) | {"guidance": run_guidance(run_dir, cfg)}
+    settings = eval_settings(cfg) | {"guidance": run_guidance(run_dir, cfg),
+                                     "guidance_interval": list(run_interval(run_dir, cfg))}
     if out.is_file() and out.stat().st_mtime >= (run_dir / "train_done.json").stat().st_mtime:
         old = json.loads(out.read_text())
         if old.get("settings") == settings:  # same run, same cases and sampler: reuse
@@ -410,7 +423,7 @@ def evaluate(exp: str, cases: list[Case], cfg: BenchConfig, real_range: dict[str
     clips = torch.stack(real_videos(len(cases), cfg.seed, data.num_frames, data.fps, data.height, data.width))
     values |= reading_per_case(gen, clips.permute(0, 2, 1, 3, 4), cases)  # [N, 3, F, H, W]
     result = {"metrics": summarise(values, cfg), "per_case": values, "references_used": use_refs,
-              "guidance": settings["guidance"]}
+              "guidance": settings["guidance"], "guidance_interval": settings["guidance_interval"]}
     save_grid(run_dir / f"bench_grid{_suffix(cfg)}.png", videos, refs, cfg.grid_cases)
     out.write_text(json.dumps(result | {"settings": settings}, indent=1))
     return result
@@ -457,11 +470,16 @@ def _cell(m: dict[str, float] | None) -> str:
 
 
 def _guidance_note(rows: dict[str, dict], cfg: BenchConfig) -> str:
-    """The CFG scale(s) the rows were scored at: one value, or each run's."""
+    """The CFG scale(s) the rows were scored at (one value, or each run's) and the guided noise levels."""
     if cfg.guidance is not None:
-        return f"{cfg.guidance}"
-    used = sorted({r["guidance"] for r in rows.values() if "guidance" in r})
-    return f"{used[0]} (each run's sample.guidance)" if len(used) == 1 else f"each run's sample.guidance ({used})"
+        note = f"{cfg.guidance}"
+    else:
+        used = sorted({r["guidance"] for r in rows.values() if "guidance" in r})
+        note = f"{used[0]} (each run's sample.guidance)" if len(used) == 1 else f"each run's sample.guidance ({used})"
+    intervals = sorted({tuple(r.get("guidance_interval", (0.0, 1.0))) for r in rows.values()})
+    if intervals and intervals != [(0.0, 1.0)]:
+        note += " at noise levels t in " + ", ".join(f"[{lo:g}, {hi:g}]" for lo, hi in intervals)
+    return note
 
 
 def results_table(rows: dict[str, dict], cfg: BenchConfig, real: dict | None = None) -> str:
@@ -514,6 +532,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--candidates", type=int, default=BenchConfig.candidates)
     p.add_argument("--steps", type=int, default=BenchConfig.steps)
     p.add_argument("--guidance", type=float, default=BenchConfig.guidance)
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="guide only at noise levels t in [LO, HI]; default: each run's sample.guidance_interval")
     p.add_argument("--scheduler", default=BenchConfig.scheduler, choices=["unipc", "euler"])
     p.add_argument("--bootstraps", type=int, default=BenchConfig.bootstraps)
     p.add_argument("--reference-scale", default=BenchConfig.reference_scale,
@@ -524,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = BenchConfig(out=a.out, scale=a.scale, experiments=[e for e in a.experiments.split(",") if e],
                           cases=a.cases, candidates=a.candidates, steps=a.steps, guidance=a.guidance, scheduler=a.scheduler,
+                          guidance_interval=a.guidance_interval,
                           bootstraps=a.bootstraps, reference_scale=a.reference_scale, train_overrides=a.overrides)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
