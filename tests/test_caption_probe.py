@@ -84,3 +84,24 @@ def test_noise_layout_gap_is_zero_for_a_model_that_ignores_the_text():
     assert noise_layout_gap(gen, SHORT, DIRECTION_SWAPS, noises=2, video=video) == 0.0
     with pytest.raises(ValueError, match="no caption has a word to swap"):
         noise_layout_gap(gen, ["a cat"], DIRECTION_SWAPS, video=video)
+
+
+def test_explained_share_is_one_when_the_word_fixes_the_clip_and_zero_for_random_phase() -> None:
+    """eta squared of a caption word: a word that picks the clip explains all of it; stripes of random
+    phase under two words explain ~nothing (their mean clips are both flat), though they are the clips."""
+    from saber_pl.eval.caption_probe import caption_word, explained_share
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(3, 8, 8, generator=g), torch.rand(3, 8, 8, generator=g)
+    assert explained_share(torch.stack([a, a, b, b]), ["left", "left", "right", "right"]) == pytest.approx(1.0)
+    x = torch.arange(32.0)
+    phases = torch.rand(400, generator=g) * 2 * torch.pi
+    stripes = torch.sin(x[None, :] * 2 * torch.pi / 8 + phases[:, None])[:, None, :].expand(400, 32, 32)  # [N, H, W]
+    labels = ["striped" if i % 2 else "plain" for i in range(400)]
+    assert explained_share(stripes, labels) < 0.02
+    shifted = stripes + torch.tensor([0.5 if lab == "striped" else 0.0 for lab in labels])[:, None, None]
+    assert explained_share(shifted, labels) > 0.1  # a word that moves the mean clip does explain it
+    assert caption_word("an object slides to the left on a striped background", {"left": 0, "right": 0}) == "left"
+    assert caption_word("left and right", {"left": 0, "right": 0}) is None
+    with pytest.raises(ValueError, match="one label per clip"):
+        explained_share(stripes, labels[:-1])

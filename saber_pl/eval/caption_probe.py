@@ -98,3 +98,32 @@ def noise_layout_gap(gen: Generator, captions: list[str], swaps: dict[str, str],
             pictures.append(gen.vae.decode(x0.to(z.dtype)).float())  # [N, 3, F, H, W]
         gaps.append(float((pictures[0] - pictures[1]).pow(2).mean().sqrt()))
     return sum(gaps) / len(gaps)
+
+
+def caption_word(caption: str, words: list[str] | set[str] | dict[str, str]) -> str | None:
+    """The one word of `words` a caption contains ("... slides to the left ..." -> "left"), None if none or several."""
+    found = {w for w in re.findall(r"[a-z]+", caption.lower()) if w in words}
+    return found.pop() if len(found) == 1 else None
+
+
+def explained_share(clips: Tensor, labels: list[str]) -> float:
+    """Share of the clips' pixel variance that the mean clip of each label explains (ANOVA's eta squared).
+
+    clips [N, ...] float; labels: one per clip. 1 = the label fixes the clip, 0 = every label's mean clip
+    is the grand mean. This is what a flow model's clean-latent estimate can take from a caption word at
+    t ~ 1, where z_t shows nothing: the MSE-optimal estimate is the mean clip of the caption, so a word
+    whose mean clip is the grand mean (a background of random phase, orientation and colours) gives
+    the loss nothing to read it for there (docs/bench_mini.md, tenth round).
+    """
+    if clips.shape[0] != len(labels) or clips.shape[0] < 2:
+        raise ValueError(f"need one label per clip and >= 2 clips, got {clips.shape[0]} clips, {len(labels)} labels")
+    x = clips.double().flatten(1)  # [N, P]
+    grand = x.mean(0)
+    total = (x - grand).pow(2).sum()
+    if total == 0:
+        raise ValueError("the clips are all identical: no variance to explain")
+    between = x.new_zeros(())
+    for label in sorted(set(labels)):
+        idx = torch.tensor([i for i, lab in enumerate(labels) if lab == label])
+        between = between + len(idx) * (x[idx].mean(0) - grand).pow(2).sum()
+    return float(between / total)
