@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="min value difference of the two background colours")
     p.add_argument("--slide-distance", type=float, nargs=2, default=SyntheticConfig.slide_distance,
                    metavar=("LOW", "HIGH"), help="path length range of a slide, fraction of the frame")
+    p.add_argument("--background-order", choices=("random", "dark_first"), default=SyntheticConfig.background_order,
+                   help="which background colour comes first (dark_first: each kind's mean clip differs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="render/encode processes")
     p.add_argument("--no-progress", action="store_true")
@@ -62,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                               subject_radius=tuple(a.subject_radius), max_subjects=a.max_subjects,
                               background_value=tuple(a.background_value), subject_contrast=a.subject_contrast,
                               background_contrast=a.background_contrast, slide_distance=tuple(a.slide_distance),
+                              background_order=a.background_order,
                               motions=MOTIONS if a.motions == ["all"] else tuple(a.motions),
                               backgrounds=BACKGROUNDS if a.backgrounds == ["all"] else tuple(a.backgrounds))
     except ValueError as err:

@@ -81,6 +81,10 @@ class SyntheticConfig:
     # "left" and "right" overlapped over most of the subject; the subject may now touch the frame's edge)
     slide_distance: tuple[float, float] = (0.4, 0.55)
     background_angles: tuple[float, ...] | None = (0.0, 90.0)  # stripes / gradient directions; None = any angle
+    # which of the two background colours comes first (stripes and checkers start with it, gradients run from
+    # it): "random", or "dark_first", so each kind's mean clip differs (a ramp, bands from the top-left) and the
+    # background word explains more of a clip at high noise (benchmarks/caption_variance.py; docs/data.md)
+    background_order: str = "random"
     supersample: int = 2  # render at this factor and area-downsample (anti-aliased edges)
     crf: int = 20  # x264 quality of the written mp4
     references: bool = True  # store a product photo + mask per subject (ref<i>.png, ref<i>.mask.png)
@@ -113,6 +117,8 @@ class SyntheticConfig:
             raise ValueError(f"slide_distance must satisfy 0 < low <= high <= 1, got {self.slide_distance}")
         if not 0.0 <= self.path_jitter <= 0.25:
             raise ValueError(f"path_jitter must be in [0, 0.25], got {self.path_jitter}")
+        if self.background_order not in ("random", "dark_first"):
+            raise ValueError(f"background_order must be 'random' or 'dark_first', got {self.background_order!r}")
         if self.background_angles is not None:
             self.background_angles = tuple(float(a) for a in self.background_angles)
             if not self.background_angles:
@@ -306,6 +312,8 @@ def sample_background(rng: np.random.Generator, cfg: SyntheticConfig | None = No
         v2 = lo + u if u < below else v1 + c + (u - below)
     else:  # no value in [lo, hi] is far enough: step out of the range, staying in [0, 1]
         v2 = v1 + c if v1 + c <= 1.0 else v1 - c
+    if cfg.background_order == "dark_first" and v2 < v1:  # same draws as "random", only the order differs
+        v1, v2 = v2, v1
     c1 = _hsv_to_rgb(hue, rng.uniform(0.0, 0.45), v1)
     c2 = _hsv_to_rgb((hue + rng.uniform(-0.08, 0.08)) % 1.0, rng.uniform(0.0, 0.45), v2)
     spec = BackgroundSpec(

@@ -13,6 +13,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 from PIL import Image
 
@@ -214,6 +215,30 @@ def test_content_knobs_are_checked_and_keep_backgrounds_visible() -> None:
     anywhere = dataclasses.replace(SMALL, path_jitter=0.2, background_angles=None)
     centres = [sample_clip_spec(seed, anywhere).motions[0].start[1] for seed in range(100)]
     assert max(centres) - min(centres) > 0.2
+
+
+def test_dark_first_background_order_gives_each_background_kind_its_own_mean_clip() -> None:
+    """With random colour order every kind's mean clip is the same flat field, so the background word explains
+    ~1 % of a clip; dark_first (same draws, the darker colour first) makes it explain about as much as the
+    direction word, whose share stays."""
+    from saber_pl.eval.caption_probe import explained_share
+
+    dark = dataclasses.replace(SMALL, background_order="dark_first")
+    shares = {}
+    for name, cfg in (("random", SMALL), ("dark_first", dark)):
+        specs = [sample_clip_spec(seed, cfg) for seed in range(240)]
+        clips = torch.from_numpy(np.stack([render_clip(s) for s in specs]).astype(np.float32) / 255.0)
+        shares[name] = (explained_share(clips, [s.background.kind for s in specs]),
+                        explained_share(clips, [s.motions[0].kind for s in specs]))
+    assert shares["random"][0] < 0.03 and shares["dark_first"][0] > 0.08, shares
+    assert abs(shares["dark_first"][1] - shares["random"][1]) < 0.03, shares
+    for seed in range(50):
+        a, b = sample_clip_spec(seed, SMALL), sample_clip_spec(seed, dark)
+        assert (a.background.kind, a.background.freq, a.background.angle, a.caption) == \
+            (b.background.kind, b.background.freq, b.background.angle, b.caption)
+        assert max(b.background.color) <= max(b.background.color2)  # HSV value: the darker colour first
+    with pytest.raises(ValueError, match="background_order"):
+        SyntheticConfig(background_order="light_first")
 
 
 def _direction_explains(cfg: SyntheticConfig, n: int = 640) -> float:
