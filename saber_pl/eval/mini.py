@@ -536,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="guide only at noise levels t in [LO, HI]; default: each run's sample.guidance_interval")
     p.add_argument("--scheduler", default=BenchConfig.scheduler, choices=["unipc", "euler"])
     p.add_argument("--bootstraps", type=int, default=BenchConfig.bootstraps)
-    p.add_argument("--reference-scale", default=BenchConfig.reference_scale,
+    p.add_argument("--reference-scale", default=BenchConfig.reference_scale, choices=REFERENCE_SCALES,
                    help="photo: the inference path (the photo fitted to the frame); clip: shrunk to the subject's "
                         "size in its clip (a diagnostic of scale generalisation)")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every training run")
