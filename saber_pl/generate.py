@@ -285,11 +285,12 @@ class Generator:
     """A loaded Saber model (DiT + VAE + text encoder) that turns prompts and references into videos."""
 
     def __init__(self, dit: SaberTransformer, vae: VideoVAE, text_encoder: TextEncoder, limits: Limits,
-                 defaults: VideoSpec | None = None) -> None:
+                 defaults: VideoSpec | None = None, sample: SampleConfig | None = None) -> None:
         self.dit = dit.eval().requires_grad_(False)
         self.vae, self.text_encoder = vae, text_encoder
         self.limits = limits
         self.defaults = defaults or VideoSpec()
+        self.sample = sample or SampleConfig()  # the run's sampling defaults (reference_size for references)
         self.device = dit.wan.patch_embedding.weight.device
         self.dtype = dit.wan.patch_embedding.weight.dtype  # compute dtype (some norms stay float32)
         # umT5-xxl is 11.4 GB in bf16: on a GPU it leaves the device once the prompts are encoded, so the
@@ -315,7 +316,8 @@ class Generator:
             dit = load_export_dit(source, dtype)
             log.info("loaded exported DiT from %s", source.root)
         vae, text = load_frozen(source.model, device, dtype)
-        return cls(dit.to(device), vae, text, model_limits(source.model), source.video_defaults())
+        return cls(dit.to(device), vae, text, model_limits(source.model), source.video_defaults(),
+                   source.sample_defaults())
 
     # ------------------------------------------------------------------ encoding
     @torch.no_grad()
@@ -397,7 +399,8 @@ class Generator:
         """Prepare the references, generate, write one mp4 per prompt (+ grid and references). -> mp4 paths."""
         video = video or self.defaults
         self.limits.check(video, len(references))
-        refs_cfg = _refs_config(refs_cfg, video, self.limits.max_refs)
+        refs_cfg = _refs_config(refs_cfg or ReferenceConfig(subject_size=self.sample.reference_size), video,
+                                self.limits.max_refs)
         refs, masks = prepare_references(list(references), refs_cfg)  # [K, 3, H, W], [K, 1, H, W]
         return generate_files(self, prompts, refs, masks, out, video, sampler or SamplerConfig(), seed,
                               negative_prompt, batch_size, save_extras, progress)
@@ -540,9 +543,34 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="flow shift; default: the run's flow.shift (what it trained with; 5.0, Wan's, for an export)")
     p.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="default: the run's sample.scheduler (unipc)")
     p.add_argument("--drop-refs-uncond", action="store_true", help="drop the references in the unconditional branch")
+    p.add_argument("--reference-size", type=reference_size_arg, default=None, metavar="FRACTION|fit",
+                   help="show each subject reference with its bounding box at FRACTION of the frame's shorter side, "
+                        "centred; 'fit' = the paper's fit of the whole image; default: the run's sample.reference_size "
+                        "(mini: 0.47, the size its training clips show subjects at; other scales: fit)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="DiT / umT5 dtype (auto: bf16 on CUDA, float32 otherwise; the VAE stays float32)")
+
+
+def reference_size_arg(text: str) -> float:
+    """--reference-size: 'fit' -> 0.0 (the paper's fit; `subject_size` None), else a fraction in (0, 1]."""
+    if text == "fit":
+        return 0.0
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1] or 'fit', got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1] or 'fit', got {text!r}")
+    return value
+
+
+def subject_size(args: argparse.Namespace, source: CheckpointSource) -> float | None:
+    """The subject size references are prepared at: the flag ('fit' = None), else the run's sample.reference_size."""
+    flag = getattr(args, "reference_size", None)
+    if flag is None:
+        return source.sample_defaults().reference_size
+    return flag or None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -598,7 +626,8 @@ def main(argv: list[str] | None = None) -> int:
         limits = model_limits(source.model)
         limits.check(video, len(refs))
         refs_cfg = ReferenceConfig(height=video.height, width=video.width, birefnet_dir=args.birefnet_dir,
-                                   device=args.device, max_references=limits.max_refs)
+                                   device=args.device, max_references=limits.max_refs,
+                                   subject_size=subject_size(args, source))
         ref_images = ref_masks = None  # no --ref: text-only, the model keeps its T2V ability
         if refs:
             ref_images, ref_masks = prepare_references(refs, refs_cfg)  # segmentation: empty masks fail here

@@ -2,6 +2,8 @@
 
 Saber feeds references in the training format (SABER.md, Inference): the subject's foreground on a
 gray background, resized and padded to the video size keeping the aspect ratio, plus its mask.
+``subject_size`` (ours) instead crops a subject to its bounding box and shows it at a set fraction of
+the frame, for a model that draws the subject at the size its reference shows it.
 Background-scene references are used whole (mask = all ones). The segmenter is pluggable:
 
 - ``alpha``: the alpha channel of an RGBA/LA PNG (alpha > 127 = foreground);
@@ -51,6 +53,10 @@ class ReferenceConfig:
     device: str = "cpu"  # device BiRefNet runs on
     min_foreground: float = 0.001  # a segmentation covering less than this fraction is "nothing found"
     max_references: int = 6  # (ours) training uses K in 1-3; the paper sees quality collapse near 12
+    # (ours) a subject's bounding box shown at this fraction of the frame's shorter side, centred; None = the
+    # paper's fit (the whole image resized and padded). A small model draws the subject at about the size its
+    # reference shows it (docs/bench_mini.md, eleventh round); scene references are always used whole.
+    subject_size: float | None = None
 
     def __post_init__(self) -> None:
         if self.height < 8 or self.width < 8:
@@ -67,6 +73,9 @@ class ReferenceConfig:
             raise ValueError(f"min_foreground must be in [0, 1), got {self.min_foreground}")
         if self.max_references < 1:
             raise ValueError(f"max_references must be >= 1, got {self.max_references}")
+        if self.subject_size is not None and not 0.0 < self.subject_size <= 1.0:
+            raise ValueError(f"subject_size must be in (0, 1] (a fraction of the frame's shorter side) or None, "
+                             f"got {self.subject_size}")
 
 
 @dataclass
@@ -263,6 +272,27 @@ def fit_to_video(image: torch.Tensor, mask: torch.Tensor, height: int, width: in
     return ref, out_mask
 
 
+def fit_subject(image: torch.Tensor, mask: torch.Tensor, height: int, width: int, size: float
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crop to the mask's bounding box, then fit it so its longer side is `size` x min(height, width), centred.
+
+    image: float [3, h, w] in [0, 1]; mask: float {0, 1} [h, w] with some foreground.
+    Returns ref float [3, H, W] in [-1, 1] (gray outside the mask) and mask float {0, 1} [1, H, W].
+    """
+    ys, xs = torch.nonzero(mask > 0.5, as_tuple=True)
+    top, bottom, left, right = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+    side = max(1, round(size * min(height, width)))  # the box's longer side in video pixels
+    box_h, box_w = bottom - top, right - left
+    scale = side / max(box_h, box_w)
+    inner_h, inner_w = min(height, max(1, round(box_h * scale))), min(width, max(1, round(box_w * scale)))
+    ref, out_mask = fit_to_video(image[:, top:bottom, left:right], mask[top:bottom, left:right], inner_h, inner_w)
+    full_ref, full_mask = torch.zeros(3, height, width), torch.zeros(1, height, width)
+    oy, ox = (height - inner_h) // 2, (width - inner_w) // 2
+    full_ref[:, oy:oy + inner_h, ox:ox + inner_w] = ref
+    full_mask[:, oy:oy + inner_h, ox:ox + inner_w] = out_mask
+    return full_ref, full_mask
+
+
 def _as_reference(ref: Reference | str) -> Reference:
     return ref if isinstance(ref, Reference) else Reference(str(ref))
 
@@ -322,7 +352,10 @@ def prepare_references(
                     f"empty segmentation for {ref.path}: foreground covers {fraction:.4%} of the image "
                     f"(min_foreground {cfg.min_foreground:.4%}); check the mask/alpha or use kind='scene'"
                 )
-        r, m = fit_to_video(image_to_tensor(image), mask, cfg.height, cfg.width)
+        if seg is not None and cfg.subject_size is not None:
+            r, m = fit_subject(image_to_tensor(image), mask, cfg.height, cfg.width, cfg.subject_size)
+        else:
+            r, m = fit_to_video(image_to_tensor(image), mask, cfg.height, cfg.width)
         if seg is not None and not bool(m.any()):
             raise ValueError(f"empty segmentation for {ref.path}: the foreground vanishes at {cfg.width}x{cfg.height}")
         out_refs.append(r)

@@ -82,10 +82,17 @@ class SampleConfig:
     guidance: float = 5.0  # classifier-free guidance scale on the text (1.0 = no guidance)
     scheduler: Literal["unipc", "euler"] = "unipc"
     guidance_interval: tuple[float, float] = (0.0, 1.0)  # noise levels t that are guided (SamplerConfig)
+    # (ours) subject references shown with their bounding box at this fraction of the frame's shorter side
+    # (`ReferenceConfig.subject_size`); None = the paper's fit of the whole image. Mini sets the size its
+    # training clips show subjects at: its DiT draws the subject at about the size the reference shows it.
+    reference_size: float | None = None
 
     def __post_init__(self) -> None:
         self.guidance_interval = tuple(self.guidance_interval)  # type: ignore[assignment]  (YAML gives a list)
         self.sampler(1.0)  # SamplerConfig's checks, naming the field
+        if self.reference_size is not None and not 0.0 < self.reference_size <= 1.0:
+            raise ValueError(f"reference_size must be in (0, 1] (a fraction of the frame's shorter side) or null, "
+                             f"got {self.reference_size}")
 
     def sampler(self, shift: float, **overrides: object) -> SamplerConfig:
         """These defaults at `shift`, each field replaced by a non-None override of the same name."""

@@ -20,7 +20,7 @@ from saber_pl.config import load_config
 from saber_pl.eval.__main__ import main as eval_main
 from saber_pl.export import export
 from saber_pl.generate import (Generator, VideoSpec, main, model_limits, parse_args, request_from_args,
-                               resolve_checkpoint)
+                               resolve_checkpoint, subject_size)
 from saber_pl.references import Reference, ReferenceConfig, prepare_references
 from saber_pl.sampling import SampleConfig, SamplerConfig, sample_latents
 from saber_pl.train import fit
@@ -122,6 +122,24 @@ def test_sampler_defaults_come_from_the_run_and_flags_override_them(run_dir, tmp
     assert run_source.sample == SampleConfig(steps=50, guidance=5.0)
     assert resolve_checkpoint(export(run_dir, tmp_path / "exp")).sample == run_source.sample
     assert load_config("saber_full", "mini").sample.guidance == 1.0
+
+
+def test_reference_size_comes_from_the_run_and_the_flag_overrides_it(run_dir, images, tmp_path, capsys):
+    """References are prepared at the run's sample.reference_size (mini: 0.47) unless --reference-size says a
+    fraction or 'fit' (the paper's whole-image fit); a bad value is refused before any model loads."""
+    source = dataclasses.replace(resolve_checkpoint(run_dir), sample=SampleConfig(reference_size=0.47))
+    base = ["--ckpt", str(run_dir), "--prompt", "a cat"]
+    assert subject_size(parse_args(base), source) == 0.47
+    assert subject_size(parse_args(base + ["--reference-size", "0.3"]), source) == 0.3
+    assert subject_size(parse_args(base + ["--reference-size", "fit"]), source) is None
+    assert subject_size(parse_args(base), resolve_checkpoint(run_dir)) is None  # tiny sets none: the paper's fit
+    assert load_config("saber_full", "mini").sample.reference_size == 0.47
+    for bad in ("0", "1.5", "big"):
+        with pytest.raises(SystemExit) as exc:
+            parse_args(base + ["--reference-size", bad])
+        assert exc.value.code == 2 and "expected a fraction in (0, 1] or 'fit'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="reference_size must be in"):
+        SampleConfig(reference_size=2.0)
 
 
 def test_batch_matches_single_prompts(run_dir, images):

@@ -210,3 +210,31 @@ def test_config_validation_names_field():
         ReferenceConfig(segmenter="birefnet")
     with pytest.raises(ValueError, match="max_references"):
         ReferenceConfig(max_references=0)
+
+
+def test_subject_size_shows_the_subject_box_at_that_fraction_of_the_frame_centred(tmp_path):
+    """A subject filling a small corner of a big photo comes out with its box at subject_size x min(H, W),
+    centred, its colour kept, gray elsewhere; the paper's fit (None) shows it where and as large as the photo does."""
+    rgba = np.zeros((100, 100, 4), dtype=np.uint8)
+    rgba[5:25, 10:20, :3], rgba[5:25, 10:20, 3] = RED, 255  # a 20 x 10 subject in the top-left corner
+    path = tmp_path / "corner.png"
+    Image.fromarray(rgba, "RGBA").save(path)
+    refs, masks = prepare_references([str(path)], ReferenceConfig(height=40, width=60, subject_size=0.5))
+    ys, xs = torch.nonzero(masks[0, 0] > 0.5, as_tuple=True)
+    assert int(ys.max() - ys.min()) + 1 == 20 and int(xs.max() - xs.min()) + 1 == 10  # 0.5 x 40 tall, aspect kept
+    assert abs(float(ys.float().mean()) - 19.5) <= 0.5 and abs(float(xs.float().mean()) - 29.5) <= 0.5  # centred
+    assert (refs[0][:, masks[0, 0] == 0] == 0).all()
+    torch.testing.assert_close(refs[0][:, masks[0, 0] > 0].mean(1), torch.tensor(RED / 127.5 - 1, dtype=torch.float32),
+                               atol=1e-3, rtol=0)
+    fit_refs, fit_masks = prepare_references([str(path)], ReferenceConfig(height=40, width=60))
+    fy, fx = torch.nonzero(fit_masks[0, 0] > 0.5, as_tuple=True)
+    assert int(fy.max() - fy.min()) + 1 == 8 and float(fy.float().mean()) < 10  # 20 px of 100 -> 8 of 40, top-left
+    scene = prepare_references([Reference(str(path), kind="scene")], ReferenceConfig(height=40, width=60,
+                                                                                     subject_size=0.5))[1]
+    assert scene[0, 0, :, 10:50].all()  # a scene reference is used whole whatever subject_size says
+
+
+@pytest.mark.parametrize("size", [0.0, -0.2, 1.5])
+def test_subject_size_outside_0_1_is_refused(size):
+    with pytest.raises(ValueError, match="subject_size must be in"):
+        ReferenceConfig(subject_size=size)

@@ -36,6 +36,7 @@ from saber_pl.generate import (
     model_limits,
     request_from_args,
     resolve_checkpoint,
+    subject_size,
     torch_dtype,
 )
 from saber_pl.references import AutoSegmenter, Reference, ReferenceConfig, load_image
@@ -119,7 +120,8 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     refs_cfg = ReferenceConfig(height=video.height, width=video.width, birefnet_dir=args.birefnet_dir,
-                               device=args.device, max_references=limits.max_refs)
+                               device=args.device, max_references=limits.max_refs,
+                               subject_size=subject_size(args, source))
     generate = OpenS2VGenerate(source, video, sampler, refs_cfg, args.negative_prompt, args.device, args.raw,
                                args.dtype)
     cfg = OpenS2VConfig(root=args.cases, domain=args.domain, video_dir=args.out, seed=args.seed,

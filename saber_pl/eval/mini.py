@@ -55,7 +55,7 @@ EXPERIMENTS = ["saber_full", "t2v_baseline", "no_mask_aug", "ellipse_only", "fou
                "fixed_ratio", "no_attn_mask"]
 MOTIONS = ["slide_left", "slide_right", "slide_up", "slide_down"]
 BACKGROUNDS = ["plain", "stripes", "gradient", "checker"]  # the cases cycle through motion x background
-REFERENCE_SCALES = ("photo", "clip")  # BenchConfig.reference_scale
+REFERENCE_SCALES = ("photo", "fit", "clip")  # BenchConfig.reference_scale
 
 
 @dataclass
@@ -73,9 +73,11 @@ class BenchConfig:
     guidance_interval: tuple[float, float] | None = None  # guided noise levels; None: each run's sample's
     scheduler: str = "unipc"  # sampler: unipc | euler
     photo_size: int = 128  # side of the product-photo references
-    # how the references are sized: "photo" = the inference path (the photo fitted to the frame, so the subject
-    # shows at 1.6-2.2x its size in the clip); "clip" = that reference shrunk about its centre to the subject's
-    # size in its clip, a diagnostic that separates "does not generalise over scale" from "does not carry identity"
+    # how the references are sized: "photo" = the inference path as the run configures it (its
+    # sample.reference_size: mini shows the subject at the size its training clips do; null = "fit");
+    # "fit" = the paper's fit of the whole photo to the frame (the subject at 1.6-2.2x its size in the clip);
+    # "clip" = the fitted photo shrunk about its centre to the subject's size in its own clip (an oracle
+    # diagnostic that separates "does not generalise over scale" from "does not carry identity")
     reference_scale: str = "photo"
     train_overrides: list[str] = field(default_factory=list)  # extra key=value for every training run
     grid_cases: int = 8  # cases shown in each experiment's PNG grid
@@ -217,13 +219,21 @@ def generate_videos(gen: Generator, run_dir: Path, cases: list[Case], cfg: Bench
     video = gen.defaults
     sampler = SamplerConfig(steps=cfg.steps, guidance=run_guidance(run_dir, cfg), shift=gen_shift(run_dir),
                             scheduler=cfg.scheduler, guidance_interval=run_interval(run_dir, cfg))
-    refs, masks = case_references(cases, video.height, video.width, cfg.reference_scale)  # [N, 3, H, W], [N, 1, H, W]
+    refs, masks = case_references(cases, video.height, video.width, cfg.reference_scale,
+                                  gen.sample.reference_size)  # [N, 3, H, W], [N, 1, H, W]
     videos = []
     for i, case in enumerate(cases):
         r, m = (refs[i:i + 1], masks[i:i + 1]) if use_refs else (None, None)
         out = gen.generate([case.prompt], r, m, video, sampler, seed=i, progress=False)[0]  # [3, F, H, W]
         videos.append(out.permute(1, 0, 2, 3))  # [F, 3, H, W], the metrics' layout
     return videos, refs, masks
+
+
+def run_reference_size(run_dir: Path, cfg: BenchConfig) -> float | None:
+    """The subject size a run's references are prepared at: its sample.reference_size under "photo", else None."""
+    from saber_pl.export import load_run_config
+
+    return load_run_config(run_dir).sample.reference_size if cfg.reference_scale == "photo" else None
 
 
 def run_guidance(run_dir: Path, cfg: BenchConfig) -> float:
@@ -366,20 +376,22 @@ def save_grid(path: Path, videos: list[torch.Tensor], refs: torch.Tensor, n: int
     Image.fromarray(arr).resize((arr.shape[1] * 2, arr.shape[0] * 2), Image.NEAREST).save(path)
 
 
-def case_references(cases: list[Case], height: int, width: int, reference_scale: str = "photo"
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cases' photos prepared by the inference path (segment, gray fill, fit)  # [N, 3, H, W], [N, 1, H, W].
+def case_references(cases: list[Case], height: int, width: int, reference_scale: str = "photo",
+                    reference_size: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cases' photos prepared by the inference path (segment, gray fill, size)  # [N, 3, H, W], [N, 1, H, W].
 
-    reference_scale="clip" then shrinks each about the frame's centre by 1 / photo_scale, so its subject
-    shows at the size it has in the case's clip (`BenchConfig.reference_scale`)."""
+    "photo": at the run's `reference_size` (`ReferenceConfig.subject_size`; None = the paper's fit); "fit":
+    the paper's fit whatever the run says; "clip": the fit shrunk about the frame's centre by 1 / photo_scale,
+    so its subject shows at the size it has in the case's clip (`BenchConfig.reference_scale`)."""
     from saber_pl.references import ReferenceConfig, prepare_references
 
-    refs, masks = prepare_references([c.ref_path for c in cases], ReferenceConfig(height=height, width=width,
-                                                                                  max_references=len(cases)))
-    if reference_scale == "photo":
-        return refs, masks
-    if reference_scale != "clip":
+    if reference_scale not in REFERENCE_SCALES:
         raise ValueError(f"reference_scale must be one of {REFERENCE_SCALES}, got {reference_scale!r}")
+    size = reference_size if reference_scale == "photo" else None
+    refs, masks = prepare_references([c.ref_path for c in cases], ReferenceConfig(
+        height=height, width=width, max_references=len(cases), subject_size=size))
+    if reference_scale != "clip":
+        return refs, masks
     pairs = [shrink_about_centre(refs[i], masks[i], 1.0 / c.photo_scale) for i, c in enumerate(cases)]
     return torch.stack([r for r, _ in pairs]), torch.stack([m for _, m in pairs])
 
@@ -408,7 +420,8 @@ def evaluate(exp: str, cases: list[Case], cfg: BenchConfig, real_range: dict[str
     run_dir = Path(cfg.out) / f"{exp}-{cfg.scale}"
     out = run_dir / f"bench{_suffix(cfg)}.json"
     settings = eval_settings(cfg) | {"guidance": run_guidance(run_dir, cfg),
-                                     "guidance_interval": list(run_interval(run_dir, cfg))}
+                                     "guidance_interval": list(run_interval(run_dir, cfg)),
+                                     "reference_size": run_reference_size(run_dir, cfg)}
     if out.is_file() and out.stat().st_mtime >= (run_dir / "train_done.json").stat().st_mtime:
         old = json.loads(out.read_text())
         if old.get("settings") == settings:  # same run, same cases and sampler: reuse
@@ -423,7 +436,8 @@ def evaluate(exp: str, cases: list[Case], cfg: BenchConfig, real_range: dict[str
     clips = torch.stack(real_videos(len(cases), cfg.seed, data.num_frames, data.fps, data.height, data.width))
     values |= reading_per_case(gen, clips.permute(0, 2, 1, 3, 4), cases)  # [N, 3, F, H, W]
     result = {"metrics": summarise(values, cfg), "per_case": values, "references_used": use_refs,
-              "guidance": settings["guidance"], "guidance_interval": settings["guidance_interval"]}
+              "guidance": settings["guidance"], "guidance_interval": settings["guidance_interval"],
+              "reference_size": settings["reference_size"]}
     save_grid(run_dir / f"bench_grid{_suffix(cfg)}.png", videos, refs, cfg.grid_cases)
     out.write_text(json.dumps(result | {"settings": settings}, indent=1))
     return result
@@ -434,9 +448,10 @@ def real_row(cases: list[Case], cfg: BenchConfig, exp: str) -> dict:
     scores, and the range of frame statistics a generated video must fall in."""
     from saber_pl.export import load_run_config
 
-    data = load_run_config(Path(cfg.out) / f"{exp}-{cfg.scale}").data
+    run_cfg = load_run_config(Path(cfg.out) / f"{exp}-{cfg.scale}")
+    data = run_cfg.data
     videos = real_videos(len(cases), cfg.seed, data.num_frames, data.fps, data.height, data.width)
-    refs, masks = case_references(cases, data.height, data.width, cfg.reference_scale)
+    refs, masks = case_references(cases, data.height, data.width, cfg.reference_scale, run_cfg.sample.reference_size)
     values = per_case(videos, refs, masks, cases, cfg.candidates)
     real_range = frame_range(values)
     values = with_frames_ok(values, real_range)
@@ -482,6 +497,20 @@ def _guidance_note(rows: dict[str, dict], cfg: BenchConfig) -> str:
     return note
 
 
+def _reference_note(rows: dict[str, dict], cfg: BenchConfig) -> str:
+    """How the table's references were sized (the photo shows the subject at 1.6-2.2x its clip size)."""
+    if cfg.reference_scale == "clip":
+        return "each fitted photo shrunk to the subject's size in its clip (oracle diagnostic, --reference-scale clip)."
+    fitted = ("each photo prepared by the paper's inference path (segmented, fitted to the frame: the subject at "
+              "1.6-2.2x its size in the clip)")
+    sizes = sorted({r.get("reference_size") for r in rows.values()}, key=lambda v: (v is not None, v or 0.0))
+    if cfg.reference_scale == "fit" or sizes == [None]:
+        return fitted + "."
+    shown = ", ".join("fit" if v is None else f"{v:g}" for v in sizes)
+    return (f"each photo segmented and its subject's bounding box shown at the run's sample.reference_size "
+            f"({shown} of the frame; 'fit' = {fitted}).")
+
+
 def results_table(rows: dict[str, dict], cfg: BenchConfig, real: dict | None = None) -> str:
     """Markdown table, one row per experiment (the shape of the paper's ablation table), each figure with
     its bootstrap 95 % interval over the cases; the first row scores the cases' real clips."""
@@ -495,10 +524,7 @@ def results_table(rows: dict[str, dict], cfg: BenchConfig, real: dict | None = N
     notes = [f"{cfg.cases} unseen test subjects (product photos), one video each; mean [95 % bootstrap interval, "
              f"{cfg.bootstraps} resamples of the cases]. Identity: N = {cfg.candidates} candidates (chance "
              f"{1.0 / cfg.candidates:.3f}). Sampler: {cfg.scheduler}, {cfg.steps} steps, CFG {_guidance_note(rows, cfg)}.",
-             "References: " + ("each photo prepared by the inference path (fitted to the frame: the subject at "
-                               "1.6-2.2x its size in the clip)." if cfg.reference_scale == "photo" else
-                               "each prepared photo shrunk to the subject's size in its clip (diagnostic, "
-                               "--reference-scale clip).")]
+             "References: " + _reference_note(rows, cfg)]
     if real:
         rs, rf = real["range"]["sharpness"], real["range"]["flicker"]
         notes.append(f"Real clips' range: sharpness {rs[0]:.3f}-{rs[1]:.3f}, flicker {rf[0]:.4f}-{rf[1]:.4f}.")
@@ -537,8 +563,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scheduler", default=BenchConfig.scheduler, choices=["unipc", "euler"])
     p.add_argument("--bootstraps", type=int, default=BenchConfig.bootstraps)
     p.add_argument("--reference-scale", default=BenchConfig.reference_scale, choices=REFERENCE_SCALES,
-                   help="photo: the inference path (the photo fitted to the frame); clip: shrunk to the subject's "
-                        "size in its clip (a diagnostic of scale generalisation)")
+                   help="photo: the inference path at each run's sample.reference_size; fit: the paper's fit of "
+                        "the whole photo to the frame; clip: the fit shrunk to the subject's size in its clip "
+                        "(an oracle diagnostic of scale generalisation)")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every training run")
     a = p.parse_args(argv)
     try:
