@@ -546,7 +546,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference-size", type=reference_size_arg, default=None, metavar="FRACTION|fit",
                    help="show each subject reference with its bounding box at FRACTION of the frame's shorter side, "
                         "centred; 'fit' = the paper's fit of the whole image; default: the run's sample.reference_size "
-                        "(mini: 0.47, the size its training clips show subjects at; other scales: fit)")
+                        "(mini: 0.35, a little below the size its training clips show subjects at; other scales: fit)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="DiT / umT5 dtype (auto: bf16 on CUDA, float32 otherwise; the VAE stays float32)")

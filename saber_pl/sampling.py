@@ -83,8 +83,8 @@ class SampleConfig:
     scheduler: Literal["unipc", "euler"] = "unipc"
     guidance_interval: tuple[float, float] = (0.0, 1.0)  # noise levels t that are guided (SamplerConfig)
     # (ours) subject references shown with their bounding box at this fraction of the frame's shorter side
-    # (`ReferenceConfig.subject_size`); None = the paper's fit of the whole image. Mini sets the size its
-    # training clips show subjects at: its DiT draws the subject at about the size the reference shows it.
+    # (`ReferenceConfig.subject_size`); None = the paper's fit of the whole image. Mini sets 0.35, a little below
+    # the size its training clips show subjects at (0.47): its DiT draws the subject about as large as shown, or larger.
     reference_size: float | None = None
 
     def __post_init__(self) -> None:

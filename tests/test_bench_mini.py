@@ -188,7 +188,7 @@ def test_clip_scale_references_show_the_subject_at_its_size_in_the_clip(tmp_path
 
 def test_photo_references_follow_the_runs_reference_size_and_fit_is_the_papers(tmp_path: Path) -> None:
     """"photo" prepares each case as the run's inference path does: its subject's box at sample.reference_size of
-    the frame (mini: 0.47), centred; "fit" (and a run with reference_size null) is the paper's whole-photo fit."""
+    the frame (mini: 0.35), centred; "fit" (and a run with reference_size null) is the paper's whole-photo fit."""
     import numpy as np
 
     from saber_pl.config import load_config
@@ -196,13 +196,13 @@ def test_photo_references_follow_the_runs_reference_size_and_fit_is_the_papers(t
 
     cases = make_cases(tmp_path / "cases", 4, 7)
     size = load_config("saber_full", "mini").sample.reference_size
-    assert size == 0.47
+    assert size == 0.35
     refs, masks = case_references(cases, 32, 32, "photo", size)
     fit_refs, fit_masks = case_references(cases, 32, 32, "fit", size)
     torch.testing.assert_close(case_references(cases, 32, 32, "photo", None)[1], fit_masks)
     for i in range(len(cases)):
         ys, xs = np.nonzero(masks[i, 0].numpy())
-        assert max(np.ptp(ys), np.ptp(xs)) + 1 == round(0.47 * 32)  # the box's longer side: 15 of 32 pixels
+        assert max(np.ptp(ys), np.ptp(xs)) + 1 == round(0.35 * 32)  # the box's longer side: 15 of 32 pixels
         assert abs((ys.min() + ys.max()) / 2 - 15.5) <= 1 and abs((xs.min() + xs.max()) / 2 - 15.5) <= 1
         fy, fx = np.nonzero(fit_masks[i, 0].numpy())
         assert max(np.ptp(fy), np.ptp(fx)) + 1 >= 1.15 * 15  # the fit shows the subject much larger

@@ -125,15 +125,15 @@ def test_sampler_defaults_come_from_the_run_and_flags_override_them(run_dir, tmp
 
 
 def test_reference_size_comes_from_the_run_and_the_flag_overrides_it(run_dir, images, tmp_path, capsys):
-    """References are prepared at the run's sample.reference_size (mini: 0.47) unless --reference-size says a
+    """References are prepared at the run's sample.reference_size (mini: 0.35) unless --reference-size says a
     fraction or 'fit' (the paper's whole-image fit); a bad value is refused before any model loads."""
-    source = dataclasses.replace(resolve_checkpoint(run_dir), sample=SampleConfig(reference_size=0.47))
+    source = dataclasses.replace(resolve_checkpoint(run_dir), sample=SampleConfig(reference_size=0.35))
     base = ["--ckpt", str(run_dir), "--prompt", "a cat"]
-    assert subject_size(parse_args(base), source) == 0.47
+    assert subject_size(parse_args(base), source) == 0.35
     assert subject_size(parse_args(base + ["--reference-size", "0.3"]), source) == 0.3
     assert subject_size(parse_args(base + ["--reference-size", "fit"]), source) is None
     assert subject_size(parse_args(base), resolve_checkpoint(run_dir)) is None  # tiny sets none: the paper's fit
-    assert load_config("saber_full", "mini").sample.reference_size == 0.47
+    assert load_config("saber_full", "mini").sample.reference_size == 0.35
     for bad in ("0", "1.5", "big"):
         with pytest.raises(SystemExit) as exc:
             parse_args(base + ["--reference-size", bad])
