@@ -133,7 +133,10 @@ def _to_rgb(frame: av.VideoFrame, out_w: int, out_h: int) -> np.ndarray:
     """Resize (area filter down, bicubic up) and centre-crop one frame to uint8 [H, W, 3]."""
     sw, sh = _scaled_size(frame.width, frame.height, out_w, out_h)
     interp = "AREA" if sw <= frame.width else "BICUBIC"
-    rgb = frame.to_ndarray(width=sw, height=sh, format="rgb24", interpolation=interp)  # [sh, sw, 3]
+    # threads=1: swscale's default (0 = one slice thread per CPU) keeps a thread pool in PyAV's cached scaler;
+    # a DataLoader worker forked from a process that decoded before inherits it without its threads and hangs
+    # for ever freeing it (PyAV 18.1.1, libswscale 9.5.103: test_datamodule after any decode in the parent).
+    rgb = frame.to_ndarray(width=sw, height=sh, format="rgb24", interpolation=interp, threads=1)  # [sh, sw, 3]
     top, left = (sh - out_h) // 2, (sw - out_w) // 2
     return rgb[top : top + out_h, left : left + out_w]
 

@@ -125,3 +125,24 @@ def test_encoding_is_reproducible() -> None:
         encode_mp4(np.zeros((2, 31, 32, 3), np.uint8), 8)
     with pytest.raises(ValueError, match="uint8"):
         encode_mp4(np.zeros((2, 32, 32, 3), np.float32), 8)
+
+
+def _decode_into(queue, data: bytes) -> None:  # a forked child: what a DataLoader worker does
+    queue.put(decode_clip(data, 9, 24.0, 16, 16, start=0).shape)
+
+
+def test_a_worker_forked_after_the_parent_decoded_still_decodes(ramp: bytes) -> None:
+    """DataLoader workers are forked; with swscale's default thread pool (PyAV 18.1.1) a child forked after the
+    parent had decoded hung for ever in the scaler (CI stuck in test_datamodule). The child must finish."""
+    import multiprocessing as mp
+
+    parent = decode_clip(ramp, 9, 24.0, 16, 16, start=0)  # the parent scales first (its cached scaler is inherited)
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_decode_into, args=(queue, ramp))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("a forked child hung decoding after the parent decoded")
+    assert child.exitcode == 0 and queue.get(timeout=5) == tuple(parent.shape)
