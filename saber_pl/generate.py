@@ -543,6 +543,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="flow shift; default: the run's flow.shift (what it trained with; 5.0, Wan's, for an export)")
     p.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="default: the run's sample.scheduler (unipc)")
     p.add_argument("--drop-refs-uncond", action="store_true", help="drop the references in the unconditional branch")
+    p.add_argument("--reference-guidance", type=float, default=None, metavar="SCALE",
+                   help="guidance on the references alone: a pass of the prompt without references (1 = off); "
+                        "default: the run's sample.reference_guidance")
     p.add_argument("--reference-size", type=reference_size_arg, default=None, metavar="FRACTION|fit",
                    help="show each subject reference with its bounding box at FRACTION of the frame's shorter side, "
                         "centred; 'fit' = the paper's fit of the whole image; default: the run's sample.reference_size "
@@ -595,7 +598,8 @@ def request_from_args(args: argparse.Namespace, source: CheckpointSource) -> tup
     interval = tuple(args.guidance_interval) if getattr(args, "guidance_interval", None) else None
     sampler = source.sample_defaults().sampler(shift, steps=args.steps, guidance=args.guidance,
                                                scheduler=args.scheduler, drop_refs_uncond=args.drop_refs_uncond,
-                                               guidance_interval=interval)
+                                               guidance_interval=interval,
+                                               reference_guidance=getattr(args, "reference_guidance", None))
     return video, sampler
 
 

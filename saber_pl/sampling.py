@@ -8,6 +8,9 @@ b = 1 DiT pass (``split_passes``): a packed batch of 2B samples takes diffusers'
 a [1, N, 6, D] tensor (about 4.6 GB in bf16 at 14B's 75k tokens) plus fp32 temporaries in every block,
 while b = 1 broadcasts one [1, 6, D] modulation. The packed attention is block-diagonal per sample, so both
 give the same velocities. The unconditional branch keeps the references unless ``drop_refs_uncond`` is set.
+``reference_guidance`` adds a guidance term on the references alone (a third branch: the prompt without
+references), as InstructPix2Pix composes guidance over two conditions (Brooks et al. 2023):
+    v = v(T, R) + (s_T - 1) (v(T, R) - v(neg, R)) + (s_R - 1) (v(T, R) - v(T, none)).
 The starting noise can be passed in (``noise``), so a caller can seed each sample on its own: a prompt
 then gives the same video alone or inside a batch (``saber_pl.generate`` does this).
 """
@@ -39,6 +42,9 @@ class SamplerConfig:
     # at low noise it changes little.
     guidance_interval: tuple[float, float] = (0.0, 1.0)
     drop_refs_uncond: bool = False  # also drop the references in the unconditional branch
+    # (ours) guidance scale on the references alone, on the steps of guidance_interval (1.0 = off; needs refs):
+    # pushes the video away from what the prompt alone would make, towards the reference's subject
+    reference_guidance: float = 1.0
     split_passes: bool = True  # one b=1 DiT pass per sample and branch (less memory), else one packed batch
 
     def __post_init__(self) -> None:
@@ -46,6 +52,8 @@ class SamplerConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.guidance < 0:
             raise ValueError(f"guidance must be >= 0, got {self.guidance}")
+        if self.reference_guidance < 0:
+            raise ValueError(f"reference_guidance must be >= 0, got {self.reference_guidance}")
         if self.shift <= 0:
             raise ValueError(f"shift must be > 0, got {self.shift}")
         if self.scheduler not in SCHEDULERS:
@@ -54,8 +62,16 @@ class SamplerConfig:
 
     def guides(self, timestep: float) -> bool:
         """Whether the step at `timestep` (in [0, 1000]) runs the unconditional branch too."""
+        return self.guidance != 1.0 and self.in_interval(timestep)
+
+    def guides_references(self, timestep: float) -> bool:
+        """Whether the step at `timestep` (in [0, 1000]) runs the prompt-without-references branch too."""
+        return self.reference_guidance != 1.0 and self.in_interval(timestep)
+
+    def in_interval(self, timestep: float) -> bool:
+        """Whether `timestep` (in [0, 1000]) lies in guidance_interval."""
         lo, hi = self.guidance_interval
-        return self.guidance != 1.0 and lo <= timestep / 1000.0 <= hi
+        return lo <= timestep / 1000.0 <= hi
 
 
 def check_interval(interval: object) -> tuple[float, float]:
@@ -82,6 +98,7 @@ class SampleConfig:
     guidance: float = 5.0  # classifier-free guidance scale on the text (1.0 = no guidance)
     scheduler: Literal["unipc", "euler"] = "unipc"
     guidance_interval: tuple[float, float] = (0.0, 1.0)  # noise levels t that are guided (SamplerConfig)
+    reference_guidance: float = 1.0  # (ours) guidance scale on the references alone (SamplerConfig); 1.0 = off
     # (ours) subject references shown with their bounding box at this fraction of the frame's shorter side
     # (`ReferenceConfig.subject_size`); None = the paper's fit of the whole image. Mini sets 0.35, a little below
     # the size its training clips show subjects at (0.47): its DiT draws the subject about as large as shown, or larger.
@@ -98,7 +115,7 @@ class SampleConfig:
         """These defaults at `shift`, each field replaced by a non-None override of the same name."""
         given = {k: v for k, v in overrides.items() if v is not None}
         fields = {"steps": self.steps, "guidance": self.guidance, "scheduler": self.scheduler,
-                  "guidance_interval": self.guidance_interval} | given
+                  "guidance_interval": self.guidance_interval, "reference_guidance": self.reference_guidance} | given
         return SamplerConfig(shift=shift, **fields)
 
 
@@ -128,6 +145,11 @@ def velocity(dit: torch.nn.Module, x: Tensor, t: Tensor, text: Tensor, refs: Ten
     return torch.cat(out)
 
 
+def _stack(branches: list[tuple]) -> tuple:
+    """The branches' inputs (text, refs, coverage, counts) concatenated along the batch; None stays None."""
+    return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*branches))
+
+
 @torch.no_grad()
 def sample_latents(dit: torch.nn.Module, shape: tuple[int, ...], text_emb: Tensor, neg_emb: Tensor | None,
                    ref_latents: Tensor | None, ref_coverage: Tensor | None, ref_counts: Tensor | None,
@@ -149,21 +171,26 @@ def sample_latents(dit: torch.nn.Module, shape: tuple[int, ...], text_emb: Tenso
     scheduler = make_scheduler(cfg.scheduler, cfg.shift)
     scheduler.set_timesteps(cfg.steps, device=device)
     can_guide = neg_emb is not None and cfg.guidance != 1.0
-    cond_inputs = (text_emb, ref_latents, ref_coverage, ref_counts)
-    both_inputs = cond_inputs
+    cond = (text_emb, ref_latents, ref_coverage, ref_counts)
+    text_uncond = None
     if can_guide:
-        both_inputs = (torch.cat([text_emb, neg_emb]), None, None, None)
-        if ref_latents is not None:
-            uncond_counts = torch.zeros_like(ref_counts) if cfg.drop_refs_uncond else ref_counts
-            both_inputs = (both_inputs[0], torch.cat([ref_latents, ref_latents]),
-                           torch.cat([ref_coverage, ref_coverage]), torch.cat([ref_counts, uncond_counts]))
+        keep = ref_counts if ref_latents is None or not cfg.drop_refs_uncond else torch.zeros_like(ref_counts)
+        text_uncond = (neg_emb, ref_latents, ref_coverage, keep)
+    no_refs = None
+    if ref_latents is not None and cfg.reference_guidance != 1.0:
+        no_refs = (text_emb, ref_latents, ref_coverage, torch.zeros_like(ref_counts))  # count 0: refs unseen
     for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
-        guided = can_guide and cfg.guides(float(t))
-        x = torch.cat([latents, latents]) if guided else latents
+        branches = [cond]  # this step's branches, stacked along the batch
+        if text_uncond is not None and cfg.guides(float(t)):
+            branches.append(text_uncond)
+        if no_refs is not None and cfg.guides_references(float(t)):
+            branches.append(no_refs)
+        x = torch.cat([latents] * len(branches))
         tt = t.expand(x.shape[0]).to(device=device, dtype=torch.float32)
-        v = velocity(dit, x.to(dtype), tt, *(both_inputs if guided else cond_inputs), cfg.split_passes)
-        if guided:
-            cond, uncond = v.chunk(2)
-            v = uncond + cfg.guidance * (cond - uncond)
-        latents = scheduler.step(v, t, latents, return_dict=False)[0]
+        v = velocity(dit, x.to(dtype), tt, *_stack(branches), cfg.split_passes).chunk(len(branches))
+        out = v[0]
+        for branch, vb in zip(branches[1:], v[1:]):
+            scale = cfg.guidance if branch is text_uncond else cfg.reference_guidance
+            out = out + (scale - 1.0) * (v[0] - vb)  # = vb + scale (v[0] - vb)
+        latents = scheduler.step(out, t, latents, return_dict=False)[0]
     return latents

@@ -356,6 +356,45 @@ def test_guidance_interval_guides_only_the_steps_at_those_noise_levels():
         SamplerConfig(guidance_interval=(0.5,))
 
 
+def test_reference_guidance_composes_with_text_guidance():
+    """sample.reference_guidance: a third branch (the prompt without references) adds (s_R - 1) (v(T, R) - v(T, none))
+    to the text-guided velocity; with the exact velocity the sampler ends at that composed target."""
+
+    class RefOracle(OracleDiT):
+        """Towards z0 = text + 0.5 where a sample sees its references, text alone where it does not."""
+
+        def forward(self, x, t, text, refs, cov, counts):
+            self.counts.append(counts)
+            sigma = (t / 1000.0).view(-1, 1, 1, 1, 1)
+            seen = 0.5 * (counts > 0).float() if counts is not None else torch.zeros(x.shape[0])
+            return (x - (text[:, 0, 0] + seen).view(-1, 1, 1, 1, 1)) / sigma
+
+    shape = (1, 4, 2, 4, 4)
+    text, neg, noise = torch.ones(1, 3, 8), torch.full((1, 3, 8), 0.2), torch.randn(shape)
+    refs, cov, counts = torch.zeros(1, 1, 4, 4, 4), torch.ones(1, 1, 1, 4, 4), torch.ones(1, dtype=torch.long)
+
+    def run(with_refs: bool = True, **kw):
+        dit = RefOracle()
+        cfg = SamplerConfig(steps=6, shift=1.0, scheduler="euler", split_passes=False, **kw)
+        r = (refs, cov, counts) if with_refs else (None, None, None)
+        return sample_latents(dit, shape, text, neg, *r, cfg, progress=False, noise=noise), dit.counts
+
+    for s_t, s_r in ((1.0, 1.0), (1.0, 3.0), (4.0, 1.0), (4.0, 3.0)):
+        out, seen = run(guidance=s_t, reference_guidance=s_r)
+        target = (1.0 + 0.5) + (s_t - 1.0) * (1.0 - 0.2) + (s_r - 1.0) * 0.5
+        torch.testing.assert_close(out, torch.full(shape, target), atol=1e-4, rtol=0)
+        # branches stacked: conditional, then the text's unconditional (refs kept), then the prompt without refs
+        assert seen[0].tolist() == [1] + [1] * (s_t != 1.0) + [0] * (s_r != 1.0)
+    # only the guided noise levels run the third branch; without references it never runs
+    _, seen = run(guidance=1.0, reference_guidance=3.0, guidance_interval=(0.01, 0.02))
+    assert all(c.tolist() == [1] for c in seen)
+    out, seen = run(with_refs=False, guidance=1.0, reference_guidance=3.0)
+    assert all(c is None for c in seen)
+    torch.testing.assert_close(out, torch.ones(shape), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="reference_guidance must be >= 0"):
+        SamplerConfig(reference_guidance=-1.0)
+
+
 # --- eval glue ---------------------------------------------------------------------------------------
 
 

@@ -71,6 +71,7 @@ class BenchConfig:
     steps: int = 25  # sampler steps
     guidance: float | None = None  # CFG scale; None: each run's sample.guidance (mini: 1.0)
     guidance_interval: tuple[float, float] | None = None  # guided noise levels; None: each run's sample's
+    reference_guidance: float | None = None  # guidance on the references alone; None: each run's sample's
     scheduler: str = "unipc"  # sampler: unipc | euler
     photo_size: int = 128  # side of the product-photo references
     # how the references are sized: "photo" = the inference path as the run configures it (its
@@ -97,7 +98,8 @@ class BenchConfig:
         from saber_pl.sampling import SamplerConfig
 
         SamplerConfig(steps=self.steps, guidance=1.0 if self.guidance is None else self.guidance,
-                      scheduler=self.scheduler, guidance_interval=self.guidance_interval or (0.0, 1.0))
+                      scheduler=self.scheduler, guidance_interval=self.guidance_interval or (0.0, 1.0),
+                      reference_guidance=1.0 if self.reference_guidance is None else self.reference_guidance)
         if self.guidance_interval is not None:
             self.guidance_interval = tuple(float(v) for v in self.guidance_interval)  # type: ignore[assignment]
 
@@ -218,7 +220,8 @@ def generate_videos(gen: Generator, run_dir: Path, cases: list[Case], cfg: Bench
 
     video = gen.defaults
     sampler = SamplerConfig(steps=cfg.steps, guidance=run_guidance(run_dir, cfg), shift=gen_shift(run_dir),
-                            scheduler=cfg.scheduler, guidance_interval=run_interval(run_dir, cfg))
+                            scheduler=cfg.scheduler, guidance_interval=run_interval(run_dir, cfg),
+                            reference_guidance=run_reference_guidance(run_dir, cfg))
     refs, masks = case_references(cases, video.height, video.width, cfg.reference_scale,
                                   gen.sample.reference_size)  # [N, 3, H, W], [N, 1, H, W]
     videos = []
@@ -241,6 +244,15 @@ def run_guidance(run_dir: Path, cfg: BenchConfig) -> float:
     from saber_pl.export import load_run_config
 
     return cfg.guidance if cfg.guidance is not None else load_run_config(run_dir).sample.guidance
+
+
+def run_reference_guidance(run_dir: Path, cfg: BenchConfig) -> float:
+    """The reference guidance a run is scored at: the bench's --reference-guidance, else the run's own."""
+    from saber_pl.export import load_run_config
+
+    if cfg.reference_guidance is not None:
+        return cfg.reference_guidance
+    return load_run_config(run_dir).sample.reference_guidance
 
 
 def run_interval(run_dir: Path, cfg: BenchConfig) -> tuple[float, float]:
@@ -421,7 +433,8 @@ def evaluate(exp: str, cases: list[Case], cfg: BenchConfig, real_range: dict[str
     out = run_dir / f"bench{_suffix(cfg)}.json"
     settings = eval_settings(cfg) | {"guidance": run_guidance(run_dir, cfg),
                                      "guidance_interval": list(run_interval(run_dir, cfg)),
-                                     "reference_size": run_reference_size(run_dir, cfg)}
+                                     "reference_size": run_reference_size(run_dir, cfg),
+                                     "reference_guidance": run_reference_guidance(run_dir, cfg)}
     if out.is_file() and out.stat().st_mtime >= (run_dir / "train_done.json").stat().st_mtime:
         old = json.loads(out.read_text())
         if old.get("settings") == settings:  # same run, same cases and sampler: reuse
@@ -437,7 +450,7 @@ def evaluate(exp: str, cases: list[Case], cfg: BenchConfig, real_range: dict[str
     values |= reading_per_case(gen, clips.permute(0, 2, 1, 3, 4), cases)  # [N, 3, F, H, W]
     result = {"metrics": summarise(values, cfg), "per_case": values, "references_used": use_refs,
               "guidance": settings["guidance"], "guidance_interval": settings["guidance_interval"],
-              "reference_size": settings["reference_size"]}
+              "reference_size": settings["reference_size"], "reference_guidance": settings["reference_guidance"]}
     save_grid(run_dir / f"bench_grid{_suffix(cfg)}.png", videos, refs, cfg.grid_cases)
     out.write_text(json.dumps(result | {"settings": settings}, indent=1))
     return result
@@ -494,6 +507,9 @@ def _guidance_note(rows: dict[str, dict], cfg: BenchConfig) -> str:
     intervals = sorted({tuple(r.get("guidance_interval", (0.0, 1.0))) for r in rows.values()})
     if intervals and intervals != [(0.0, 1.0)]:
         note += " at noise levels t in " + ", ".join(f"[{lo:g}, {hi:g}]" for lo, hi in intervals)
+    ref_scales = sorted({r.get("reference_guidance", 1.0) for r in rows.values() if r.get("references_used", True)})
+    if ref_scales and ref_scales != [1.0]:
+        note += ", reference guidance " + ", ".join(f"{v:g}" for v in ref_scales)
     return note
 
 
@@ -560,6 +576,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, default=BenchConfig.guidance)
     p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="guide only at noise levels t in [LO, HI]; default: each run's sample.guidance_interval")
+    p.add_argument("--reference-guidance", type=float, default=None, metavar="SCALE",
+                   help="guidance on the references alone (1 = off); default: each run's sample.reference_guidance")
     p.add_argument("--scheduler", default=BenchConfig.scheduler, choices=["unipc", "euler"])
     p.add_argument("--bootstraps", type=int, default=BenchConfig.bootstraps)
     p.add_argument("--reference-scale", default=BenchConfig.reference_scale, choices=REFERENCE_SCALES,
@@ -571,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = BenchConfig(out=a.out, scale=a.scale, experiments=[e for e in a.experiments.split(",") if e],
                           cases=a.cases, candidates=a.candidates, steps=a.steps, guidance=a.guidance, scheduler=a.scheduler,
-                          guidance_interval=a.guidance_interval,
+                          guidance_interval=a.guidance_interval, reference_guidance=a.reference_guidance,
                           bootstraps=a.bootstraps, reference_scale=a.reference_scale, train_overrides=a.overrides)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
