@@ -381,6 +381,13 @@ def dit_inference_peak(dit: DitShape, tok: Tokens, c: int) -> float:
     return peak + tok.batch * tok.text * dit.dim * c + 2 * tok.packed * dit.head_dim * FP32
 
 
+def guidance_branches(cfg: ExperimentConfig) -> int:
+    """DiT branches per guided sampling step of the run's `sample` section: the conditional one, the
+    text-unconditional one under CFG (guidance != 1), the reference-free one under reference guidance."""
+    refs = cfg.data.refs_max > 0
+    return 1 + (cfg.sample.guidance != 1.0) + (refs and cfg.sample.reference_guidance != 1.0)
+
+
 def generation_memory(cfg: ExperimentConfig, dit: DitShape, probe: FrozenCost, c: int) -> dict[str, float]:
     """One-GPU generation (generate.py: bf16 weights with diffusers' fp32 modules, umT5 offloaded once the
     prompts are encoded, CFG as one b = 1 DiT pass per branch): bytes by term and the peak of each phase."""
@@ -388,7 +395,8 @@ def generation_memory(cfg: ExperimentConfig, dit: DitShape, probe: FrozenCost, c
     weights = (dit.params - dit.layers * dit.block_fp32_params) * c + dit.layers * dit.block_fp32_params * FP32
     one = tokens(cfg, probe.spatial, probe.temporal, worst=True)
     one = dataclasses.replace(one, batch=1, per_token=cfg.model.ref_timestep == "zero" and d.refs_max > 0)
-    packed = dataclasses.replace(one, batch=2, per_token=True)  # cond + uncond as one 2-sample batch
+    branches = guidance_branches(cfg)
+    packed = dataclasses.replace(one, batch=branches, per_token=True)  # every branch as one packed batch
     latents = 6 * one.video * dit.in_channels * dit.patch_volume * FP32  # z, v, UniPC history (a few copies)
     umt5 = probe.umt5_params * c
     vae = probe.vae_params * c
@@ -397,7 +405,7 @@ def generation_memory(cfg: ExperimentConfig, dit: DitShape, probe: FrozenCost, c
         "umT5 encoder (while encoding the prompts)": umt5,
         "VAE": vae,
         "DiT pass, b = 1 per branch": dit_inference_peak(dit, one, c),
-        "DiT pass, cond + uncond as one batch (not used)": dit_inference_peak(dit, packed, c),
+        f"DiT pass, {branches} branches as one batch (split_passes=False, not used)": dit_inference_peak(dit, packed, c),
         "latents and sampler state": latents,
         "VAE decode of one video": vae_decode_peak(cfg.model.scale, d.num_frames, d.height, d.width, c),
     }
@@ -408,8 +416,9 @@ def generation_memory(cfg: ExperimentConfig, dit: DitShape, probe: FrozenCost, c
     }
     out = {k: v / GiB for k, v in {**terms, **phases}.items()}
     out["peak"] = max(phases.values()) / GiB
-    out["peak if umT5 stayed and CFG were one batch"] = (
-        weights + vae + umt5 + latents + terms["DiT pass, cond + uncond as one batch (not used)"]) / GiB
+    out["peak if umT5 stayed and the branches were one batch"] = (
+        weights + vae + umt5 + latents
+        + terms[f"DiT pass, {branches} branches as one batch (split_passes=False, not used)"]) / GiB
     return out
 
 

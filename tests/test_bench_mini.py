@@ -150,6 +150,44 @@ def test_a_run_cut_by_the_time_cap_is_not_scored_and_a_rerun_finishes_it(tmp_pat
     assert (run_dir / "train_done.json").is_file() and not (run_dir / "train_partial.json").exists()
 
 
+def _alive(pid: int) -> bool:
+    """A live (not zombie) process `pid` on Linux."""
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_sigterm_to_the_bench_stops_its_training_child_with_a_checkpoint(tmp_path: Path) -> None:
+    """`kill <bench>` used to end the benchmark alone and leave its training running on the cores. Now the
+    signal reaches the training, which checkpoints and stops; the benchmark exits 1 saying how to resume."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "saber_pl.eval.mini", "--out", str(tmp_path), "--scale", "tiny",
+           "--experiments", "t2v_baseline", "trainer.max_steps=100000", "trainer.ckpt_every_n_steps=2",
+           "trainer.max_time_minutes=10"]
+    bench = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    ckpts = tmp_path / "t2v_baseline-tiny" / "checkpoints"
+    deadline = time.monotonic() + 240
+    while not list(ckpts.glob("step*.ckpt")) and time.monotonic() < deadline and bench.poll() is None:
+        time.sleep(0.5)
+    assert list(ckpts.glob("step*.ckpt")), "training never reached its first checkpoint"
+    children = [int(p) for p in Path(f"/proc/{bench.pid}/task/{bench.pid}/children").read_text().split()]
+    assert children, "the bench trains in a child process"
+    bench.send_signal(signal.SIGTERM)
+    _, err = bench.communicate(timeout=120)
+    assert bench.returncode == 1, err[-2000:]
+    assert "stopped by SIGTERM" in err and "Run the same command again" in err
+    assert not any(_alive(pid) for pid in children), "the training child outlived the benchmark"
+    partial = json.loads((tmp_path / "t2v_baseline-tiny" / "train_partial.json").read_text())
+    assert 2 <= partial["steps"] < 100000
+    assert (ckpts / "last.ckpt").is_file() and not (tmp_path / "t2v_baseline-tiny" / "train_done.json").exists()
+
+
 def test_bad_sampler_settings_stop_the_bench_before_any_training(tmp_path: Path, capsys) -> None:
     """--guidance -2 used to train a whole run first and then fail with a traceback while scoring it."""
     from saber_pl.eval.mini import main

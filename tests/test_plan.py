@@ -144,8 +144,14 @@ def test_generation_pass_figure_matches_the_measured_peak(batch: int) -> None:
 def test_14b_generation_fits_one_80gb_gpu_and_offload_plus_split_passes_save_memory() -> None:
     gen = make_plan(load_config("saber_full", "14B"), world=64, gpu_mem_gib=80).generation_gib
     assert gen["peak"] < 80 * 0.9
-    assert gen["peak if umT5 stayed and CFG were one batch"] > gen["peak"] + 25
-    assert gen["DiT pass, cond + uncond as one batch (not used)"] > 4 * gen["DiT pass, b = 1 per branch"]
+    assert gen["peak if umT5 stayed and the branches were one batch"] > gen["peak"] + 25
+    packed = gen["DiT pass, 2 branches as one batch (split_passes=False, not used)"]  # CFG 5: cond + uncond
+    assert packed > 4 * gen["DiT pass, b = 1 per branch"]
+    # reference guidance adds a third branch: a packed pass of 3 samples, the split passes' peak unchanged
+    three = make_plan(load_config("saber_full", "14B", ["sample.reference_guidance=2.0"]), world=64,
+                      gpu_mem_gib=80).generation_gib
+    assert three["DiT pass, 3 branches as one batch (split_passes=False, not used)"] > 1.3 * packed
+    assert three["DiT pass, b = 1 per branch"] == gen["DiT pass, b = 1 per branch"]
 
 
 def test_precomputed_text_and_cached_latents_take_umt5_and_the_clip_encode_off_the_training_gpus() -> None:

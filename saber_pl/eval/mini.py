@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -174,6 +175,35 @@ class TrainingCut(RuntimeError):
     """A benchmark run stopped before its last step (the time cap): not scored until it is finished."""
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what saber_pl.train checkpoints on (faults.Preemption)
+
+
+def run_forwarding_stop_signals(cmd: list[str], env: dict[str, str]) -> int | None:
+    """Run `cmd` to its end, passing SIGTERM / SIGUSR1 sent to this process on to it -> the stop signal
+    received, or None. Raises CalledProcessError when it fails.
+
+    Why: `kill <bench pid>` (or a scheduler's time limit) would otherwise end the benchmark alone and
+    leave its training child running on the cores; forwarded, the child checkpoints and exits 0
+    (faults.Preemption), and the benchmark stops after it. Ctrl-C reaches the whole process group already.
+    """
+    received: list[int] = []
+    proc = subprocess.Popen(cmd, env=env)
+
+    def forward(signum: int, _frame: object) -> None:
+        received.append(signum)
+        proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
+    try:
+        rc = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if rc != 0:
+        raise subprocess.CalledProcessError(rc, cmd)
+    return received[0] if received else None
+
+
 def train(exp: str, cfg: BenchConfig) -> dict:
     """Train one experiment in a subprocess (resumable: a finished run is not trained again)."""
     from saber_pl.train import resume_step
@@ -188,7 +218,7 @@ def train(exp: str, cfg: BenchConfig) -> dict:
     partial = run_dir / "train_partial.json"  # wall time of earlier, cut attempts (a resumed run adds to it)
     before = json.loads(partial.read_text())["train_minutes"] if partial.is_file() else 0.0
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+    stopped = run_forwarding_stop_signals(cmd, dict(os.environ, TOKENIZERS_PARALLELISM="false"))
     minutes = before + (time.perf_counter() - t0) / 60
     from saber_pl.export import load_run_config
 
@@ -196,6 +226,14 @@ def train(exp: str, cfg: BenchConfig) -> dict:
     steps = resume_step(run_dir / "checkpoints" / "last.ckpt")
     info = {"experiment": exp, "train_minutes": round(minutes, 2), "steps": steps,
             "samples_per_s": round(steps * run_cfg.data.batch_size / max(minutes * 60, 1e-9), 2)}
+    if stopped is not None:
+        # asked to stop: the child checkpointed; stop here too, scoring nothing (a finished run is scored next time)
+        if run_cfg.trainer.max_steps is None or steps >= run_cfg.trainer.max_steps:
+            done.write_text(json.dumps(info))
+        else:
+            partial.write_text(json.dumps(info))
+        raise TrainingCut(f"{exp}: stopped by {signal.Signals(stopped).name} at step {steps}; "
+                          f"{run_dir / 'checkpoints' / 'last.ckpt'} holds it. Run the same command again to continue")
     if run_cfg.trainer.max_steps is not None and steps < run_cfg.trainer.max_steps:
         # a run cut short (the time cap) is not the experiment: never score it as a row
         partial.write_text(json.dumps(info))
