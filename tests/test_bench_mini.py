@@ -128,6 +128,11 @@ def test_frame_range_ignores_real_clips_whose_subject_was_missed() -> None:
     assert frame_range(values) == {"sharpness": (0.04, 0.05), "flicker": (0.001, 0.0015)}
     ok = with_frames_ok({"sharpness": [0.045, 0.045], "flicker": [0.0012, 0.022]}, frame_range(values))
     assert ok["frames_ok"] == [1.0, 0.0]  # a video flickering 20x more than real ones is not "as real"
+    # with tiling measured, a token mosaic (2.1 against real clips' <= 1.4) is not "as real" either
+    tiled = values | {"tiling": [1.0, 1.4, 3.0]}
+    assert frame_range(tiled)["tiling"] == (1.0, 1.4)
+    ok = with_frames_ok({"sharpness": [0.045] * 2, "flicker": [0.0012] * 2, "tiling": [1.2, 2.1]}, frame_range(tiled))
+    assert ok["frames_ok"] == [1.0, 0.0]
     with pytest.raises(ValueError, match="no real clip"):
         frame_range({"subject": [0.0], "sharpness": [0.1], "flicker": [0.1]})
 

@@ -48,6 +48,7 @@ from saber_pl.eval.scene import SceneConfig, describe, identity_scores, retrieva
 
 if TYPE_CHECKING:  # imported lazily at run time (the whole model stack)
     from saber_pl.generate import Generator
+    from saber_pl.wan import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -332,22 +333,24 @@ METRICS = [
     ("text_following", "text following ↑", "it moves the prompted way (left/right/up/down)"),
     ("background", "background kind ↑", "the background is the prompted kind (plain/stripes/gradient/checker)"),
     ("identity", "identity acc ↑", "the subject's colours pick its own reference among N (chance 1/N)"),
-    ("frames_ok", "frames as real ↑", "sharpness and flicker both inside the range of the cases' real clips"),
+    ("frames_ok", "frames as real ↑", "sharpness, flicker and tiling all inside the range of the cases' real clips"),
     ("copy_paste", "copy-paste", "the reference pasted pixel-aligned at its place and scale (1 = verbatim; found subjects)"),
     ("gray_halo", "gray halo ↓", "neutral-gray rim around the subject (the gray fill of a reference; found subjects)"),
     ("reads_direction", "reads direction ↑", "held-out loss increase with the direction word swapped (0 = ignored)"),
     ("reads_background", "reads background ↑", "the same with the background word swapped"),
     ("sharpness", "sharpness", "mean |luma gradient| of the frames"),
     ("flicker", "flicker ↓", "mean frame-to-frame change of the background"),
+    ("tiling", "tiling ↓", "mean luma step across the DiT's token borders over the step elsewhere (1 = no mosaic)"),
 ]
+FRAME_STATS = ("sharpness", "flicker", "tiling")  # frames_ok: each inside the real clips' range
 
 
 def per_case(videos: list[torch.Tensor], refs: torch.Tensor, masks: torch.Tensor, cases: list[Case],
-             candidates: int) -> dict[str, list[float]]:
+             candidates: int, tile: int) -> dict[str, list[float]]:
     """Every metric but frames_ok for every case (NaN where it does not apply: copy-paste and gray halo
-    without a found subject)."""
+    without a found subject). `tile`: the DiT's token size in pixels (`token_tile`)."""
     scfg = SceneConfig()
-    rows = [describe(v, c.prompt, scfg) for v, c in zip(videos, cases)]
+    rows = [describe(v, c.prompt, scfg, tile) for v, c in zip(videos, cases)]
     scores = identity_scores(videos, refs, masks, scfg)  # [V, N]
     return {
         "subject": [float(r["present"]) for r in rows],
@@ -360,7 +363,15 @@ def per_case(videos: list[torch.Tensor], refs: torch.Tensor, masks: torch.Tensor
         "gray_halo": [float(r["gray_halo"]) if r["present"] else math.nan for r in rows],
         "sharpness": [float(r["sharpness"]) for r in rows],
         "flicker": [float(r["flicker"]) for r in rows],
+        "tiling": [float(r["tiling"]) for r in rows],
     }
+
+
+def token_tile(model: ModelConfig) -> int:
+    """Pixels per side of one DiT token: the autoencoder's spatial factor x the patch's (mini: 2 x 2)."""
+    from saber_pl.generate import vae_factors
+
+    return vae_factors(model)[0] * int(model.spec.dit["patch_size"][-1])
 
 
 def reading_per_case(gen: Generator, clips: torch.Tensor, cases: list[Case]) -> dict[str, list[float]]:
@@ -372,14 +383,16 @@ def reading_per_case(gen: Generator, clips: torch.Tensor, cases: list[Case]) -> 
 
 
 def with_frames_ok(values: dict[str, list[float]], real_range: dict[str, tuple[float, float]]) -> dict[str, list[float]]:
-    """`values` plus frames_ok: 1.0 where sharpness and flicker both lie inside the real clips' range."""
+    """`values` plus frames_ok: 1.0 where sharpness, flicker and tiling all lie inside the real clips' range
+    (a statistic the range lacks, or NaN in it, is not checked: ranges stored before tiling existed)."""
+    keys = [k for k in FRAME_STATS if k in real_range and not math.isnan(real_range[k][0])]
     inside = lambda k, x: real_range[k][0] <= x <= real_range[k][1]  # noqa: E731
-    ok = [float(inside("sharpness", a) and inside("flicker", b)) for a, b in zip(values["sharpness"], values["flicker"])]
+    ok = [float(all(inside(k, values[k][i]) for k in keys)) for i in range(len(values["sharpness"]))]
     return values | {"frames_ok": ok}
 
 
 def frame_range(values: dict[str, list[float]]) -> dict[str, tuple[float, float]]:
-    """The range (min to max) of sharpness and flicker over the cases' real clips whose subject was found.
+    """The range (min to max) of sharpness, flicker and tiling over the cases' real clips whose subject was found.
 
     Flicker is measured outside the found subject's swept region; on a real clip where the tracker
     misses the subject (1 of 96: a dim subject on a gradient) it counts the moving subject as flicker
@@ -390,7 +403,7 @@ def frame_range(values: dict[str, list[float]]) -> dict[str, tuple[float, float]
     if not found.any():
         raise ValueError("no real clip has a found subject: the scene metrics cannot measure frames")
     return {k: (float(np.nanmin(np.asarray(values[k])[found])), float(np.nanmax(np.asarray(values[k])[found])))
-            for k in ("sharpness", "flicker")}
+            for k in FRAME_STATS if k in values}
 
 
 def bootstrap(values: list[float], resamples: int, seed: int = 0) -> dict[str, float]:
@@ -479,11 +492,12 @@ def evaluate(exp: str, cases: list[Case], cfg: BenchConfig, real_range: dict[str
             return {k: v for k, v in old.items() if k != "settings"}
     from saber_pl.generate import Generator
 
-    data = load_run_config(run_dir).data
+    run_cfg = load_run_config(run_dir)
+    data = run_cfg.data
     gen = Generator.from_checkpoint(run_dir)
     use_refs = data.refs_max > 0
     videos, refs, masks = generate_videos(gen, run_dir, cases, cfg, use_refs)
-    values = with_frames_ok(per_case(videos, refs, masks, cases, cfg.candidates), real_range)
+    values = with_frames_ok(per_case(videos, refs, masks, cases, cfg.candidates, token_tile(run_cfg.model)), real_range)
     clips = torch.stack(real_videos(len(cases), cfg.seed, data.num_frames, data.fps, data.height, data.width))
     values |= reading_per_case(gen, clips.permute(0, 2, 1, 3, 4), cases)  # [N, 3, F, H, W]
     result = {"metrics": summarise(values, cfg), "per_case": values, "references_used": use_refs,
@@ -503,7 +517,7 @@ def real_row(cases: list[Case], cfg: BenchConfig, exp: str) -> dict:
     data = run_cfg.data
     videos = real_videos(len(cases), cfg.seed, data.num_frames, data.fps, data.height, data.width)
     refs, masks = case_references(cases, data.height, data.width, cfg.reference_scale, run_cfg.sample.reference_size)
-    values = per_case(videos, refs, masks, cases, cfg.candidates)
+    values = per_case(videos, refs, masks, cases, cfg.candidates, token_tile(run_cfg.model))
     real_range = frame_range(values)
     values = with_frames_ok(values, real_range)
     save_grid(Path(cfg.out) / f"real_grid{_suffix(cfg)}.png", videos, refs, cfg.grid_cases)
@@ -525,7 +539,7 @@ def eval_settings(cfg: BenchConfig) -> dict:
 # ----------------------------------------------------------------------------------------------- report
 
 
-METRICS_VERSION = 5  # bump when a metric changes: stored bench.json files are then re-scored
+METRICS_VERSION = 6  # bump when a metric changes: stored bench.json files are then re-scored
 
 
 def _cell(m: dict[str, float] | None) -> str:
@@ -581,7 +595,9 @@ def results_table(rows: dict[str, dict], cfg: BenchConfig, real: dict | None = N
              "References: " + _reference_note(rows, cfg)]
     if real:
         rs, rf = real["range"]["sharpness"], real["range"]["flicker"]
-        notes.append(f"Real clips' range: sharpness {rs[0]:.3f}-{rs[1]:.3f}, flicker {rf[0]:.4f}-{rf[1]:.4f}.")
+        rt = real["range"].get("tiling", (math.nan, math.nan))
+        notes.append(f"Real clips' range: sharpness {rs[0]:.3f}-{rs[1]:.3f}, flicker {rf[0]:.4f}-{rf[1]:.4f}, "
+                     f"tiling {rt[0]:.2f}-{rt[1]:.2f}.")
     notes += [f"- {title}: {what}" for _, title, what in METRICS]
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 

@@ -13,8 +13,9 @@ person watching it (or a bad generation) answers these questions, and this modul
 - what kind of background is it on? (`background_kind`) Hand-written masked features (spread,
   plane fit, two-colour split, edge-orientation coherence) of the background estimate with every
   place the subject might be cut out.
-- frame statistics (`frame_stats`, `gray_halo`): sharpness, flicker of the static background, and
-  the neutral-gray rim a model leaves when it pastes the gray fill of a prepared reference.
+- frame statistics (`frame_stats`, `gray_halo`, `tiling`): sharpness, flicker of the static background,
+  the neutral-gray rim a model leaves when it pastes the gray fill of a prepared reference, and the
+  mosaic a DiT leaves at its token borders.
 - is it the reference's subject? (`identity_scores`, `retrieval_hits`) The reference's colours
   vs the detected subject's.
 
@@ -88,13 +89,15 @@ class SceneConfig:
     gray_tolerance: float = 0.08  # a gray pixel has every channel within this of 0.5
     gray_saturation: float = 0.06  # ... and max - min channel below this
     gray_margin: float = 2.0  # a halo pixel's background must be non-gray even at these times the gray tolerances
+    # tiling
+    tiling_floor: float = 0.005  # luma step added to both sides of the ratio (mp4 noise level): flat frames score ~1
     # identity
     hist_bins: int = 8  # bins per RGB channel of the subject's joint colour histogram
 
     def __post_init__(self) -> None:
         unit_open = ("fg_threshold", "min_area", "max_area", "min_share", "min_valid_fraction",
                      "max_jump", "min_consistency", "min_displacement", "min_background", "plain_std", "gradient_r2",
-                     "two_tone_share", "stripes_coherence", "gray_tolerance", "gray_saturation")
+                     "two_tone_share", "stripes_coherence", "gray_tolerance", "gray_saturation", "tiling_floor")
         for name in unit_open:
             value = getattr(self, name)
             if not 0.0 < value <= 1.0:
@@ -512,6 +515,29 @@ def frame_stats(video: torch.Tensor, track: SubjectTrack, cfg: SceneConfig | Non
     return {"sharpness": sharp, "flicker": flicker}
 
 
+def tiling(video: torch.Tensor, tile: int, cfg: SceneConfig | None = None) -> float:
+    """Mean |luma step| across the borders of a `tile` x `tile` pixel grid over the mean step elsewhere.
+
+    A DiT's head turns each token into its own patch of latent pixels, `tile` = the autoencoder's factor
+    x the patch size pixels square (mini: 2 x 2 = 4); where neighbouring tokens disagree, the frame has
+    a step at every tile border, the mosaic a person sees. Real clips have their edges anywhere: ~1.
+    Both means get `tiling_floor` added, so flat frames score ~1 too. Whole frames, all steps between
+    horizontally and vertically adjacent pixels; `tile` 1 has no inside, NaN.
+    """
+    cfg = cfg or SceneConfig()
+    if tile < 2:
+        return math.nan
+    y = _luma(_unit_frames(video))  # [F, H, W]
+    dx, dy = np.abs(np.diff(y, axis=2)), np.abs(np.diff(y, axis=1))  # [F, H, W-1], [F, H-1, W]
+    bx = np.arange(dx.shape[2]) % tile == tile - 1  # the step from column x to x + 1 crosses a border
+    by = np.arange(dy.shape[1]) % tile == tile - 1
+    if not (bx.any() or by.any()):  # a frame no larger than one tile has no border inside it
+        return math.nan
+    border = np.concatenate([dx[:, :, bx].ravel(), dy[:, by, :].ravel()])
+    inner = np.concatenate([dx[:, :, ~bx].ravel(), dy[:, ~by, :].ravel()])
+    return float((np.median(border) + cfg.tiling_floor) / (np.median(inner) + cfg.tiling_floor))
+
+
 # ---------------------------------------------------------------------------------------------------
 # gray halo
 
@@ -615,12 +641,14 @@ def retrieval_hits(scores: torch.Tensor, targets: list[int]) -> torch.Tensor:
 # one video
 
 
-def describe(video: torch.Tensor, prompt: str | None = None, cfg: SceneConfig | None = None) -> dict:
+def describe(video: torch.Tensor, prompt: str | None = None, cfg: SceneConfig | None = None,
+             tile: int | None = None) -> dict:
     """Everything this module measures for one video, compared with what its prompt asks for.
 
     A match is None where the prompt names no direction / background kind, or one this module does
     not recognise ("noise": the mini data has no noisy backgrounds). Without a present subject the
-    direction is "none", so it never matches a prompted one.
+    direction is "none", so it never matches a prompted one. `tile`: the DiT's token size in pixels, for
+    `tiling` (None: not measured, NaN).
     """
     cfg = cfg or SceneConfig()
     track = find_subject(video, cfg)
@@ -643,5 +671,6 @@ def describe(video: torch.Tensor, prompt: str | None = None, cfg: SceneConfig | 
         "sharpness": stats["sharpness"],
         "flicker": stats["flicker"],
         "gray_halo": gray_halo(video, track, cfg),
+        "tiling": tiling(video, tile, cfg) if tile else math.nan,
         "subject_area": float(valid_areas.mean()) if valid_areas.numel() else 0.0,
     }
