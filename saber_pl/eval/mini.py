@@ -11,8 +11,8 @@ then generates one video per test case and scores it:
 - every figure is measured on what a person sees (`saber_pl.eval.scene`): is one distinct moving
   subject found, does it move the prompted way, is the background the prompted kind, does the
   found subject's colours pick its own reference among N (chance 1/N; no subject is never a hit),
-  are sharpness and flicker inside the real clips' range, plus copy-paste and the gray halo on the
-  found subject;
+  are sharpness, flicker and tiling (the token mosaic) inside the real clips' range, plus copy-paste
+  and the gray halo on the found subject;
 - a first row scores each case's own real clip (rendered, mp4, decoded like training data), and
   every figure carries a bootstrap 95 % interval over the cases.
 
