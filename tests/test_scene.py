@@ -435,6 +435,6 @@ def test_todays_mini_outputs_fail_tiling():
     videos, prompts = data["videos"], [str(p) for p in data["prompts"]]  # [4, F, H, W, 3]
     rows = [describe(_video(frames), prompt, CFG, tile=4) for frames, prompt in zip(videos, prompts)]
     assert sum(bool(r["direction_match"]) for r in rows) >= 3, rows
-    assert all(r["tiling"] > 1.7 for r in rows), [r["tiling"] for r in rows]
+    assert all(r["tiling"] > 1.6 for r in rows), [r["tiling"] for r in rows]
     assert not any(r["background_match"] for r in rows), [r["background"] for r in rows]
     assert math.isnan(describe(_video(videos[0]), prompts[0], CFG)["tiling"])  # no tile given: not measured

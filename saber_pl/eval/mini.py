@@ -539,7 +539,7 @@ def eval_settings(cfg: BenchConfig) -> dict:
 # ----------------------------------------------------------------------------------------------- report
 
 
-METRICS_VERSION = 6  # bump when a metric changes: stored bench.json files are then re-scored
+METRICS_VERSION = 7  # bump when a metric changes: stored bench.json files are then re-scored
 
 
 def _cell(m: dict[str, float] | None) -> str:

@@ -90,7 +90,7 @@ class SceneConfig:
     gray_saturation: float = 0.06  # ... and max - min channel below this
     gray_margin: float = 2.0  # a halo pixel's background must be non-gray even at these times the gray tolerances
     # tiling
-    tiling_floor: float = 0.005  # luma step added to both sides of the ratio (mp4 noise level): flat frames score ~1
+    tiling_floor: float = 0.01  # luma step (2.5 of 255) added to both sides: steps a person cannot see (the codec's) count little
     # identity
     hist_bins: int = 8  # bins per RGB channel of the subject's joint colour histogram
 
