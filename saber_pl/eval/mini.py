@@ -340,7 +340,7 @@ METRICS = [
     ("reads_background", "reads background ↑", "the same with the background word swapped"),
     ("sharpness", "sharpness", "mean |luma gradient| of the frames"),
     ("flicker", "flicker ↓", "mean frame-to-frame change of the background"),
-    ("tiling", "tiling ↓", "mean luma step across the DiT's token borders over the step elsewhere (1 = no mosaic)"),
+    ("tiling", "tiling ↓", "median luma step across the DiT's token borders over the step elsewhere (1 = no mosaic)"),
 ]
 FRAME_STATS = ("sharpness", "flicker", "tiling")  # frames_ok: each inside the real clips' range
 

@@ -516,13 +516,14 @@ def frame_stats(video: torch.Tensor, track: SubjectTrack, cfg: SceneConfig | Non
 
 
 def tiling(video: torch.Tensor, tile: int, cfg: SceneConfig | None = None) -> float:
-    """Mean |luma step| across the borders of a `tile` x `tile` pixel grid over the mean step elsewhere.
+    """Median |luma step| across the borders of a `tile` x `tile` pixel grid over the median step elsewhere.
 
     A DiT's head turns each token into its own patch of latent pixels, `tile` = the autoencoder's factor
     x the patch size pixels square (mini: 2 x 2 = 4); where neighbouring tokens disagree, the frame has
     a step at every tile border, the mosaic a person sees. Real clips have their edges anywhere: ~1.
-    Both means get `tiling_floor` added, so flat frames score ~1 too. Whole frames, all steps between
-    horizontally and vertically adjacent pixels; `tile` 1 has no inside, NaN.
+    Medians, so a real clip's few strong edges do not decide it (with means, grid-aligned stripes ranged
+    0.5-1.7); both get `tiling_floor` added, so flat frames and invisible codec steps score ~1. Whole
+    frames, all steps between horizontally and vertically adjacent pixels; `tile` 1 has no inside, NaN.
     """
     cfg = cfg or SceneConfig()
     if tile < 2:
