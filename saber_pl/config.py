@@ -41,10 +41,13 @@ class ConfigError(ValueError):
 class OptimConfig:
     """AdamW and its schedule (the paper: AdamW, lr 1e-5)."""
 
+    # adamw (the paper), or muon: torch's Muon on the blocks' 2-D weights, AdamW on the rest (saber_pl/optim.py)
+    name: Literal["adamw", "muon"] = "adamw"
     lr: float = 1e-5  # peak learning rate
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     eps: float = 1e-8  # AdamW epsilon
+    muon_momentum: float = 0.95  # Muon's (Nesterov) momentum, name=muon only
     warmup_steps: int = 0  # linear warm-up from 0 to lr
     schedule: Literal["constant", "cosine"] = "constant"  # after warm-up: constant, or cosine to min_lr_ratio * lr
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr, reached at trainer.max_steps
@@ -54,6 +57,8 @@ class OptimConfig:
     ema_start_step: int = 0  # first step at which the EMA is updated (it copies the weights before)
 
     def __post_init__(self) -> None:
+        if self.name not in ("adamw", "muon"):
+            raise ConfigError(f"optim.name must be adamw or muon, got {self.name!r}")
         if self.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
         if not all(0.0 <= b < 1.0 for b in self.betas):
@@ -137,6 +142,12 @@ class ExperimentConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self) -> None:
+        if self.optim.name == "muon" and self.trainer.strategy == "fsdp2":
+            # torch's Muon orthogonalises whole matrices; under fully_shard each rank holds row shards
+            raise ConfigError("optim.name=muon is not supported with trainer.strategy=fsdp2 (sharded matrices); "
+                              "use adamw")
 
     @property
     def run_name(self) -> str:

@@ -25,6 +25,7 @@ from torch import Tensor
 from saber_pl import loading
 from saber_pl.config import ExperimentConfig
 from saber_pl.flow import draw_flow_inputs, interpolate, per_sample_mse, step_seed, velocity_target
+from saber_pl.optim import build_optimizer
 from saber_pl.wan import Components, build_components, pretrained_dit, tokenize
 
 log = logging.getLogger(__name__)
@@ -126,8 +127,7 @@ class SaberModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.cfg.optim
-        params = [p for p in self.dit.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
+        opt = build_optimizer(self.dit, o)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(lr_factor, o, self.cfg.trainer.max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "train/lr"}}
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from saber_pl.config import ConfigError, ExperimentConfig, dump_config, load_config, save_config
 from saber_pl.paths import ROOT
@@ -250,6 +251,8 @@ def fit(cfg: ExperimentConfig, resume: bool = True) -> int:
     run_dir = cfg.run_dir
     ckpt_path = find_resume_checkpoint(run_dir / "checkpoints") if resume else None
     step0 = resume_step(ckpt_path) if ckpt_path is not None else 0
+    if ckpt_path is not None:
+        check_same_optimizer(run_dir / "config.yaml", cfg, ckpt_path)
     save_config(cfg, run_dir / "config.yaml")  # before step 0 (identical on every rank)
     L.seed_everything(cfg.trainer.seed + step0, workers=True)
     module = SaberModule(cfg)
@@ -260,6 +263,18 @@ def fit(cfg: ExperimentConfig, resume: bool = True) -> int:
     trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
     warn_if_time_capped(trainer, cfg)
     return 0
+
+
+def check_same_optimizer(saved_config: Path, cfg: ExperimentConfig, ckpt_path: Path) -> None:
+    """Refuse to resume a run under another `optim.name`: its checkpoint holds the other optimizer's state,
+    which cannot be loaded (and silently starting that optimizer fresh would not be the same run)."""
+    if not saved_config.is_file():
+        return
+    before = (yaml.safe_load(saved_config.read_text()) or {}).get("optim", {}).get("name", "adamw")
+    if before != cfg.optim.name:
+        raise ConfigError(f"{ckpt_path} was trained with optim.name={before}, this run asks for "
+                          f"optim.name={cfg.optim.name}: train into another folder (logging.runs_dir=...), "
+                          f"or pass optim.name={before} to continue it")
 
 
 def warn_if_time_capped(trainer: Any, cfg: ExperimentConfig) -> None:

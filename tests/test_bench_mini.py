@@ -250,3 +250,18 @@ def test_photo_references_follow_the_runs_reference_size_and_fit_is_the_papers(t
         fy, fx = np.nonzero(fit_masks[i, 0].numpy())
         assert max(np.ptp(fy), np.ptp(fx)) + 1 >= 1.5 * (max(np.ptp(ys), np.ptp(xs)) + 1)  # the fit: much larger
         assert torch.all(refs[i][:, masks[i, 0] == 0] == 0)
+
+
+def test_a_stored_run_of_another_recipe_is_refused_not_scored(tmp_path) -> None:
+    """After a default changes (e.g. optim.name), a finished run of the old recipe must not become a row."""
+    from saber_pl.config import load_config, save_config
+    from saber_pl.eval.mini import StaleRun, check_run_matches
+
+    run_dir = tmp_path / "saber_full-tiny"
+    save_config(load_config("saber_full", "tiny", [f"logging.runs_dir={tmp_path}"]), run_dir / "config.yaml")
+    # where it writes and the safety-net cap do not change what it learns
+    check_run_matches(run_dir, "saber_full", "tiny", ["logging.runs_dir=elsewhere", "trainer.max_time_minutes=99"])
+    with pytest.raises(StaleRun, match=r"optim.name: 'adamw' -> 'muon'.*move or delete"):
+        check_run_matches(run_dir, "saber_full", "tiny", ["optim.name=muon"])
+    with pytest.raises(StaleRun, match="data.refs_max"):
+        check_run_matches(run_dir, "t2v_baseline", "tiny", [])

@@ -176,6 +176,10 @@ class TrainingCut(RuntimeError):
     """A benchmark run stopped before its last step (the time cap): not scored until it is finished."""
 
 
+class StaleRun(TrainingCut):
+    """A stored benchmark run trained under another config than today's recipe: not scored."""
+
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what saber_pl.train checkpoints on (faults.Preemption)
 
 
@@ -205,16 +209,44 @@ def run_forwarding_stop_signals(cmd: list[str], env: dict[str, str]) -> int | No
     return received[0] if received else None
 
 
+# keys that change where a run writes or when it stops early, not what it learns
+RUN_ONLY_KEYS = ("logging.", "trainer.max_time_minutes", "trainer.ckpt_every_n_steps", "trainer.keep_top_k")
+
+
+def check_run_matches(run_dir: Path, exp: str, scale: str, overrides: list[str]) -> None:
+    """Refuse to score (or resume) a stored run whose config is not today's recipe for `exp`: after a
+    change of a default, a finished run of the old recipe would otherwise be scored as the new one."""
+    from saber_pl.config import load_config, to_dict
+    from saber_pl.export import load_run_config
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    stored, today = flat(to_dict(load_run_config(run_dir))), flat(to_dict(load_config(exp, scale, overrides)))
+    differ = sorted(k for k in stored.keys() | today.keys()
+                    if not k.startswith(RUN_ONLY_KEYS) and stored.get(k) != today.get(k))
+    if differ:
+        shown = ", ".join(f"{k}: {stored.get(k)!r} -> {today.get(k)!r}" for k in differ[:6])
+        raise StaleRun(f"{run_dir} was trained with another config than today's {exp} ({shown}"
+                          f"{', ...' if len(differ) > 6 else ''}): move or delete it to retrain, or pass --out "
+                          f"for a new folder")
+
+
 def train(exp: str, cfg: BenchConfig) -> dict:
     """Train one experiment in a subprocess (resumable: a finished run is not trained again)."""
     from saber_pl.train import resume_step
 
     run_dir = Path(cfg.out) / f"{exp}-{cfg.scale}"
     done = run_dir / "train_done.json"
+    overrides = [f"logging.runs_dir={cfg.out}", *cfg.train_overrides]
+    if (run_dir / "config.yaml").is_file():
+        check_run_matches(run_dir, exp, cfg.scale, overrides)
     if done.is_file():
         return json.loads(done.read_text())
-    cmd = [sys.executable, "-m", "saber_pl.train", "--exp", exp, "--scale", cfg.scale,
-           f"logging.runs_dir={cfg.out}", *cfg.train_overrides]
+    cmd = [sys.executable, "-m", "saber_pl.train", "--exp", exp, "--scale", cfg.scale, *overrides]
     log.info("training %s: %s", exp, " ".join(cmd))
     partial = run_dir / "train_partial.json"  # wall time of earlier, cut attempts (a resumed run adds to it)
     before = json.loads(partial.read_text())["train_minutes"] if partial.is_file() else 0.0
