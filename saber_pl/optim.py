@@ -40,6 +40,14 @@ def adjusted_lr(lr: float, shape: torch.Size) -> float:
     return lr * 0.2 * math.sqrt(max(shape[0], shape[1]))
 
 
+def _closure_loss(closure: Callable[[], Any] | None) -> Any:
+    """The loss of an optimizer's closure (re-evaluated with gradients on), None without one."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class Muon(torch.optim.Muon):
     """`torch.optim.Muon` (Nesterov momentum, decoupled weight decay, match_rms_adamw step size) whose
     Newton-Schulz iterations run in `ns_dtype`: float32 on the CPU, bfloat16 (torch's choice) on CUDA."""
@@ -52,10 +60,7 @@ class Muon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             lr, mu = float(group["lr"]), group["momentum"]
             for p in group["params"]:
@@ -102,10 +107,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for opt in self.inner:
             opt.step()
         return loss
