@@ -149,3 +149,26 @@ def test_resuming_a_run_under_another_optimizer_is_refused_with_how_to_go_on(tmp
     check_same_optimizer(saved, load_config("saber_full", "tiny"), tmp_path / "last.ckpt")  # same: fine
     with pytest.raises(ConfigError, match="optim.name=adamw.*logging.runs_dir"):
         check_same_optimizer(saved, load_config("saber_full", "tiny", ["optim.name=muon"]), tmp_path / "last.ckpt")
+
+
+def test_muon_trains_checkpoints_and_resumes_through_lightning(tmp_path) -> None:
+    """The real loop (train.fit, Lightning's automatic optimization, checkpoints): the block matrices move,
+    the checkpoint holds Muon's momentum for each of them, and a resumed run restores it and goes on."""
+    from saber_pl.train import fit
+
+    base = [f"logging.runs_dir={tmp_path}", "optim.name=muon", "optim.lr=2e-3", "trainer.ckpt_every_n_steps=3",
+            "trainer.val_every_n_steps=1000", "logging.image_every_n_steps=1000"]
+    cfg = load_config("saber_full", "tiny", [*base, "trainer.max_steps=3"])
+    init = SaberModule(cfg).dit.state_dict()  # the same seeded random weights fit starts from
+    assert fit(cfg) == 0
+    ckpt = torch.load(cfg.run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    state = ckpt["optimizer_states"][0]
+    n_matrices = len(muon_parameters(SaberModule(cfg).dit)[0])
+    assert len(state["muon"]["state"]) == n_matrices and state["adamw"]["state"]
+    assert all(s["momentum_buffer"].abs().sum() > 0 for s in state["muon"]["state"].values())
+    trained = {k[len("dit."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("dit.")}
+    moved = [k for k, v in init.items() if v.ndim == 2 and ".blocks." in f".{k}" and not torch.equal(v, trained[k])]
+    assert len(moved) == n_matrices
+    assert fit(load_config("saber_full", "tiny", [*base, "trainer.max_steps=5"])) == 0
+    resumed = torch.load(cfg.run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert resumed["global_step"] == 5
