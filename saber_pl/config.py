@@ -39,7 +39,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class OptimConfig:
-    """AdamW and its schedule (the paper: AdamW, lr 1e-5)."""
+    """The optimizer (AdamW, or Muon + AdamW: `optim.name`) and its schedule (the paper: AdamW, lr 1e-5)."""
 
     # adamw (the paper), or muon: torch's Muon on the blocks' 2-D weights, AdamW on the rest (saber_pl/optim.py)
     name: Literal["adamw", "muon"] = "adamw"
